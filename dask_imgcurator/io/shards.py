@@ -1,0 +1,278 @@
+"""Shard specs to URLs, and tar header scans to a per-sample member index.
+
+Only tar headers are read while indexing (payloads are skipped with ``seek``); the small text
+members (``.txt`` captions, ``.json``) are read afterwards because they become columns.
+"""
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import braceexpand
+import fsspec
+from fsspec.core import url_to_fs
+
+#: Member extensions treated as the sample's image, in order of preference.
+DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+_GLOB_CHARS = set("*?[")
+#: Larger text members are not copied into the dataframe (they stay in the tar).
+MAX_TEXT_BYTES = 1 << 20
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read as a tar archive (the message names the file)."""
+
+
+@dataclass
+class Member:
+    """One regular file inside a tar: where its payload lives."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass
+class SampleIndex:
+    """The members of one WebDataset sample, grouped by key."""
+
+    key: str
+    members: list[Member] = field(default_factory=list)
+    error: str | None = None
+
+    def member(self, ext: str) -> Member | None:
+        for m in self.members:
+            if split_key(m.name)[1].lower() == ext:
+                return m
+        return None
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Split a member name into the WebDataset key and extension (``a/b.seg.png`` → ``a/b``, ``seg.png``)."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext
+
+
+def unsafe_member_reason(name: str) -> str | None:
+    """Why a member name must never be written to disk, or None when it is safe."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return f"member name {name!r} is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return f"member name {name!r} contains '..'"
+    if "\x00" in name:
+        return f"member name {name!r} contains a NUL byte"
+    return None
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec into an ordered list of shard URLs.
+
+    Parameters
+    ----------
+    spec : str or sequence of str
+        A path or fsspec URL, a glob (``data/*.tar``), a brace range (``shard-{00000..00099}.tar``),
+        a directory (all ``*.tar`` inside), or a list of any of these.
+
+    Returns
+    -------
+    list of str
+        Local shards as absolute paths, remote ones as full URLs, in the order given (globs and
+        directories sorted).
+
+    Raises
+    ------
+    FileNotFoundError
+        When a path does not exist or a pattern matches nothing.
+
+    Examples
+    --------
+    >>> expand_shards("memory://nothing-{0..1}.tar")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    FileNotFoundError: no such shard: memory://nothing-0.tar
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise ValueError("no shards given")
+    urls: list[str] = []
+    for item in specs:
+        for one in braceexpand.braceexpand(str(item)):
+            urls.extend(_expand_one(one))
+    return urls
+
+
+def _expand_one(url: str) -> list[str]:
+    fs, path = url_to_fs(url)
+    if _GLOB_CHARS & set(path):
+        found = sorted(fs.glob(path))
+        if not found:
+            raise FileNotFoundError(f"pattern {url!r} matched no files")
+        return [_display_url(fs, p) for p in found]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no such shard: {url}")
+    if fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
+        if not found:
+            raise FileNotFoundError(f"directory {url!r} holds no .tar files")
+        return [_display_url(fs, p) for p in found]
+    return [_display_url(fs, path)]
+
+
+def _display_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def open_shard(url: str, mode: str = "rb"):
+    """Open a shard for random access (small blocks for remote stores: indexing seeks a lot)."""
+    fs, path = url_to_fs(url)
+    if _is_local(fs):
+        return fs.open(path, mode)
+    return fs.open(path, mode, block_size=1 << 16, cache_type="readahead")
+
+
+def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | None]:
+    """Scan a tar's headers.
+
+    Returns the regular-file members in archive order, the non-regular entries that were refused
+    as (name, reason), and a shard-level error (truncation, not a tar) or None.
+    """
+    members: list[Member] = []
+    refused: list[tuple[str, str]] = []
+    with open_shard(url) as f:
+        size = f.size if hasattr(f, "size") else f.seek(0, 2)
+        f.seek(0)
+        if size == 0:
+            return [], [], f"{url}: empty file (0 bytes), not a tar archive"
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            for info in tar:
+                if info.isdir():
+                    continue
+                if not info.isfile():
+                    refused.append((info.name, f"{_entry_kind(info)} entries are not supported"))
+                    continue
+                end = info.offset_data + info.size
+                if end > size:
+                    return members, refused, (
+                        f"{url}: truncated tar: member {info.name!r} declares {info.size} bytes "
+                        f"at offset {info.offset_data}, but the file ends at byte {size}"
+                    )
+                members.append(Member(info.name, info.offset_data, info.size))
+        except tarfile.ReadError as exc:
+            where = f" after member {members[-1].name!r}" if members else ""
+            kind = "corrupt tar" if members else "not a tar archive"
+            return members, refused, f"{url}: {kind}{where} ({exc})"
+    return members, refused, None
+
+
+def _entry_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return "symlink"
+    if info.islnk():
+        return "hardlink"
+    if info.ischr() or info.isblk():
+        return "device"
+    if info.isfifo():
+        return "fifo"
+    return "special"
+
+
+def group_samples(
+    members: Iterable[Member],
+    refused: Iterable[tuple[str, str]] = (),
+    image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
+) -> list[SampleIndex]:
+    """Group consecutive members by key, the WebDataset way, and flag what cannot be used.
+
+    A later group that repeats an earlier key, two members with one extension, a missing image,
+    an unsafe name and a refused (non-regular) entry each set ``error`` on the sample.
+    """
+    samples: list[SampleIndex] = []
+    first_seen: dict[str, int] = {}
+    for m in members:
+        key, _ = split_key(m.name)
+        if not samples or samples[-1].key != key:
+            samples.append(SampleIndex(key))
+            if key in first_seen:
+                samples[-1].error = (
+                    f"duplicate key {key!r}: it also appears in sample #{first_seen[key]} of this shard"
+                )
+            else:
+                first_seen[key] = len(samples) - 1
+        samples[-1].members.append(m)
+    for name, reason in refused:
+        key, _ = split_key(name)
+        target = samples[first_seen[key]] if key in first_seen else None
+        if target is None:
+            target = SampleIndex(key)
+            samples.append(target)
+            first_seen[key] = len(samples) - 1
+        target.error = target.error or f"member {name!r}: {reason}"
+    image_extensions = tuple(e.lower() for e in image_extensions)
+    for sample in samples:
+        if sample.error:
+            continue
+        sample.error = _sample_problem(sample, image_extensions)
+    return samples
+
+
+def _sample_problem(sample: SampleIndex, image_extensions: tuple[str, ...]) -> str | None:
+    seen: set[str] = set()
+    for m in sample.members:
+        reason = unsafe_member_reason(m.name)
+        if reason:
+            return reason
+        ext = split_key(m.name)[1].lower()
+        if ext in seen:
+            return f"sample has two {ext!r} members"
+        seen.add(ext)
+    if not any(e in seen for e in image_extensions):
+        found = ", ".join(sorted(seen)) or "none"
+        return f"no image member (extensions found: {found})"
+    return None
+
+
+def image_member(sample: SampleIndex, image_extensions: Sequence[str]) -> Member | None:
+    """The sample's image member: the first of ``image_extensions`` that it has."""
+    for ext in image_extensions:
+        found = sample.member(ext.lower())
+        if found is not None:
+            return found
+    return None
+
+
+def read_ranges(url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Read ``(offset, size)`` byte ranges from one file, visiting offsets in ascending order."""
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    out: list[bytes] = [b""] * len(ranges)
+    with open_shard(url) as f:
+        for i in order:
+            offset, size = ranges[i]
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise ShardError(f"{url}: expected {size} bytes at offset {offset}, got {len(data)}")
+            out[i] = data
+    return out
+
+
+def write_dali_index(samples: Sequence[Sequence[Member]], out) -> None:
+    """Write a DALI webdataset index (``wds2idx`` format v1.2) for samples given as member lists.
+
+    ``out`` is a text file object. Each line lists ``ext offset size name`` per member, where
+    ``offset`` is the payload offset in the tar.
+    """
+    out.write(f"v1.2 {len(samples)}\n")
+    for members in samples:
+        parts = []
+        for m in members:
+            if any(c.isspace() for c in m.name):
+                raise ValueError(f"member name {m.name!r} contains white space; DALI index files cannot hold it")
+            parts.append(f"{split_key(m.name)[1]} {m.offset} {m.size} {m.name}")
+        out.write(" ".join(parts) + "\n")

@@ -1,0 +1,465 @@
+"""Re-shard samples into new WebDataset tars of exact size: parallel, atomic, resumable.
+
+Two phases, both made of dask tasks and both resumable:
+
+1. *stage*: each input partition is computed once and saved as ``part-NNNNN.parquet``
+   (metadata only: where member bytes live, scores, embeddings). A part that exists is skipped.
+2. *shard*: the driver reads only row counts from the Parquet footers, assigns global row
+   ranges of ``samples_per_shard`` to output shards, and one task per output shard copies the
+   member bytes from the source tars into ``NNNNN.tar`` with ``NNNNN.parquet`` and ``NNNNN.idx``
+   beside it. A shard whose files and progress record exist is skipped.
+
+Every file appears under its final name by rename only, so a reader never sees a partial file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import dask
+import dask.dataframe as dd
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dask.base import tokenize
+from fsspec.core import url_to_fs
+
+from dask_imgcurator.backend import to_arrow
+from dask_imgcurator.io.shards import (
+    Member,
+    ShardError,
+    open_shard,
+    split_key,
+    unsafe_member_reason,
+    write_dali_index,
+)
+from dask_imgcurator.progress import run_tasks
+
+__all__ = ["to_webdataset", "stage_partitions", "write_shards", "WriteResult", "OutputExistsError"]
+
+MANIFEST = "manifest.json"
+RUN_MARKER = "_run.json"
+PROGRESS_DIR = "_progress"
+STAGING_DIR = "_staging"
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory holds the results of a different run."""
+
+
+@dataclass
+class WriteResult:
+    """What a write produced: counts and the output shards (name, samples, bytes, sha256)."""
+
+    out_dir: str
+    samples: int
+    shards: list[dict] = field(default_factory=list)
+    shards_skipped: int = 0
+    parts_skipped: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"wrote {self.samples} samples into {len(self.shards)} shards in {self.out_dir}"
+            f" ({self.shards_skipped} shards already complete)"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def to_webdataset(
+    ddf: dd.DataFrame,
+    out_dir: str,
+    samples_per_shard: int = 10_000,
+    *,
+    rekey: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> WriteResult:
+    """Write every row of ``ddf`` as WebDataset shards of exactly ``samples_per_shard`` samples.
+
+    Rows keep their order; each sample carries all its members (image, txt, json, anything else)
+    byte-identical. This computes ``ddf`` (once per partition) on the active dask client, or the
+    local scheduler when there is none.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+        Rows as produced by :func:`read_webdataset` (optionally with more columns such as scores),
+        usually filtered by a boolean mask.
+    out_dir : str
+        Local path or fsspec URL. Receives ``NNNNN.tar``, ``NNNNN.parquet`` (that shard's rows),
+        ``NNNNN.idx`` (DALI index) and ``manifest.json``.
+    samples_per_shard : int
+        Samples per output shard; the last shard may be smaller.
+    rekey : bool
+        Rename samples ``{shard:05d}{index:0Nd}``; the old key is kept in column ``source_key``.
+    overwrite : bool
+        Replace the output of a different earlier run instead of refusing.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    WriteResult
+
+    Raises
+    ------
+    OutputExistsError
+        ``out_dir`` holds a different run and ``overwrite`` is False.
+    ValueError
+        A row has an unsafe member name (absolute, ``..``) or no members at all.
+
+    Examples
+    --------
+    >>> import dask_imgcurator as ic
+    >>> _ = ic.make_demo_shards("memory://doc-in", n_shards=2, samples_per_shard=3)
+    >>> ddf = ic.read_webdataset("memory://doc-in/*.tar")
+    >>> kept = ddf[ddf.key.str.endswith("1") | ddf.key.str.endswith("2")]
+    >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
+    4
+    """
+    fingerprint = tokenize(ddf, samples_per_shard, rekey)
+    fs, root = url_to_fs(out_dir)
+    _claim_output(fs, root, fingerprint, overwrite, {"samples_per_shard": samples_per_shard, "rekey": rekey})
+    manifest = _read_json(fs, posixpath.join(root, MANIFEST))
+    if manifest is not None:  # this exact write already finished
+        return WriteResult(out_dir, manifest["samples"], manifest["shards"], len(manifest["shards"]))
+    staging = posixpath.join(root, STAGING_DIR)
+    parts, parts_skipped = stage_partitions(ddf, _url(fs, staging), progress=progress)
+    result = write_shards(parts, out_dir, samples_per_shard, rekey=rekey, progress=progress)
+    result.parts_skipped = parts_skipped
+    _finish(fs, root, result, fingerprint, {"samples_per_shard": samples_per_shard, "rekey": rekey})
+    fs.rm(staging, recursive=True)
+    return result
+
+
+def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = False) -> tuple[list[str], int]:
+    """Compute each partition once into ``staging_dir/part-NNNNN.parquet``; skip parts that exist.
+
+    Returns the part URLs in partition order and how many were already there.
+    """
+    fs, root = url_to_fs(staging_dir)
+    fs.makedirs(root, exist_ok=True)
+    _remove_temporaries(fs, root)
+    paths = [posixpath.join(root, f"part-{i:05d}.parquet") for i in range(ddf.npartitions)]
+    todo = [i for i, p in enumerate(paths) if not fs.exists(p)]
+    if todo:
+        parts = ddf.to_delayed()
+        stage = dask.delayed(_stage_part, pure=True)
+        tasks = [stage(parts[i], _url(fs, paths[i]), dask_key_name=f"stage-part-{i}-{tokenize(ddf, i)}") for i in todo]
+        run_tasks(tasks, "stage", progress)
+    return [_url(fs, p) for p in paths], ddf.npartitions - len(todo)
+
+
+def write_shards(
+    parts: Sequence[str],
+    out_dir: str,
+    samples_per_shard: int,
+    *,
+    rekey: bool = False,
+    only_kept: bool = False,
+    progress: bool = False,
+) -> WriteResult:
+    """Copy the samples listed in staged Parquet ``parts`` into exact-size output shards.
+
+    With ``only_kept`` only rows whose boolean ``kept`` column is true are written. Shards that a
+    previous attempt completed are skipped; the others are written atomically.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    fs, root = url_to_fs(out_dir)
+    fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
+    _remove_temporaries(fs, root)
+    counts = [_count_rows(p, only_kept) for p in parts]
+    plan = _plan_shards(counts, samples_per_shard)
+    width = max(5, len(str(len(plan) - 1)))
+    index_width = len(str(samples_per_shard - 1))
+    tasks, records, skipped = [], {}, 0
+    write = dask.delayed(_write_shard, pure=True)
+    for j, slices in enumerate(plan):
+        name = f"{j:0{width}d}"
+        record = _completed_record(fs, root, name)
+        if record is not None:
+            records[j] = record
+            skipped += 1
+            continue
+        job = [(parts[p], start, stop) for p, start, stop in slices]
+        key_prefix = name[-5:] if rekey else None
+        tasks.append((j, write(job, _url(fs, root), name, key_prefix, index_width, only_kept,
+                               dask_key_name=f"write-shard-{name}-{tokenize(job, out_dir, rekey)}")))
+    for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "write shards", progress)):
+        records[j] = record
+    shards = [records[j] for j in range(len(plan))]
+    return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, skipped)
+
+
+# ----------------------------------------------------------------------------- run bookkeeping
+
+
+def _claim_output(fs, root: str, fingerprint: str, overwrite: bool, params: dict) -> None:
+    marker = posixpath.join(root, RUN_MARKER)
+    previous = _read_json(fs, marker) or _read_json(fs, posixpath.join(root, MANIFEST))
+    if previous is not None and previous.get("fingerprint") == fingerprint:
+        return
+    if fs.exists(root) and fs.ls(root):
+        if not overwrite:
+            what = "the output of a different run" if previous else "files that this tool did not write"
+            raise OutputExistsError(
+                f"{root} already holds {what}; choose another output directory or pass "
+                "overwrite=True (--overwrite) to replace it"
+            )
+        fs.rm(root, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+    _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+
+
+def _finish(fs, root: str, result: WriteResult, fingerprint: str, params: dict) -> None:
+    manifest = {"fingerprint": fingerprint, **params, "samples": result.samples, "shards": result.shards}
+    _write_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    fs.rm(posixpath.join(root, PROGRESS_DIR), recursive=True)
+    fs.rm(posixpath.join(root, RUN_MARKER))
+
+
+def _read_json(fs, path: str) -> dict | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def _completed_record(fs, root: str, name: str) -> dict | None:
+    record = _read_json(fs, posixpath.join(root, PROGRESS_DIR, f"{name}.json"))
+    if record is None:
+        return None
+    done = all(fs.exists(posixpath.join(root, f"{name}.{ext}")) for ext in ("tar", "parquet", "idx"))
+    return record if done else None
+
+
+def _remove_temporaries(fs, root: str) -> None:
+    for path in fs.glob(posixpath.join(root, "*.tmp-*")) + fs.glob(posixpath.join(root, "*", "*.tmp-*")):
+        fs.rm(path)
+
+
+def _write_atomic(fs, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def _url(fs, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _count_rows(part: str, only_kept: bool) -> int:
+    fs, path = url_to_fs(part)
+    if not only_kept:
+        with fs.open(path, "rb") as f:
+            return pq.read_metadata(f).num_rows
+    with fs.open(path, "rb") as f:
+        kept = pq.read_table(f, columns=["kept"]).column("kept")
+    return int(pa.compute.sum(kept.fill_null(False)).as_py() or 0)
+
+
+def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tuple[int, int, int]]]:
+    """Split the concatenation of parts into runs of ``samples_per_shard`` rows.
+
+    Each output shard is a list of (part number, first row, end row) slices, rows counted among
+    the rows that will be written.
+    """
+    plan: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = samples_per_shard
+    for p, count in enumerate(counts):
+        start = 0
+        while start < count:
+            take = min(room, count - start)
+            current.append((p, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                plan.append(current)
+                current, room = [], samples_per_shard
+    if current:
+        plan.append(current)
+    return plan
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _stage_part(df, path: str) -> int:
+    """Validate one computed partition and save it atomically as Parquet."""
+    table = to_arrow(df)
+    if "members" in table.column_names:
+        for key, members in zip(table.column("key").to_pylist(), table.column("members").to_pylist()):
+            _check_members(key, members)
+    fs, local = url_to_fs(path)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    _write_atomic(fs, local, sink.getvalue())
+    return table.num_rows
+
+
+def _check_members(key: str, members_json: str | None) -> None:
+    members = json.loads(members_json) if members_json else []
+    if not members:
+        raise ValueError(
+            f"sample {key!r} has no members to write (it is an error row from reading); "
+            "filter such rows out first, e.g. ddf[ddf.error.isna()]"
+        )
+    for name, _, _ in members:
+        reason = unsafe_member_reason(name)
+        if reason:
+            raise ValueError(f"refusing to write sample {key!r}: {reason}")
+
+
+def _write_shard(
+    slices: Sequence[tuple[str, int, int]],
+    root_url: str,
+    name: str,
+    key_prefix: str | None,
+    index_width: int,
+    only_kept: bool,
+) -> dict:
+    """Write one output shard (tar + parquet + idx) from row slices of staged parts."""
+    rows = pa.concat_tables([_read_slice(p, a, b, only_kept) for p, a, b in slices]).to_pandas(
+        types_mapper=_types_mapper
+    )
+    fs, root = url_to_fs(root_url)
+    base = posixpath.join(root, name)
+    tar_tmp = f"{base}.tar.tmp-{uuid.uuid4().hex[:12]}"
+    with fs.open(tar_tmp, "wb") as f:
+        sink = _HashingWriter(f)
+        layout = _stream_tar(rows, sink, key_prefix, index_width)
+    out = _relocate(rows, layout, _url(fs, f"{base}.tar"), key_prefix is not None)
+
+    table = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(out, preserve_index=False), table)
+    idx = io.StringIO()
+    write_dali_index([members for _, members in layout], idx)
+    record = {
+        "shard": f"{name}.tar",
+        "samples": len(out),
+        "bytes": sink.size,
+        "sha256": sink.hexdigest(),
+        "first_key": out["key"].iloc[0] if len(out) else None,
+        "last_key": out["key"].iloc[-1] if len(out) else None,
+    }
+    # The record goes first and the tar last: a shard counts as done only when both exist.
+    _write_atomic(fs, posixpath.join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
+    _write_atomic(fs, f"{base}.idx", idx.getvalue().encode())
+    _write_atomic(fs, f"{base}.parquet", table.getvalue())
+    fs.mv(tar_tmp, f"{base}.tar")
+    return record
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through."""
+
+    def __init__(self, f):
+        self._f, self._sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self._sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _types_mapper(arrow_type: pa.DataType):
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype("pyarrow")
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type):
+        return pd.ArrowDtype(arrow_type)
+    return None
+
+
+def _read_slice(part: str, start: int, stop: int, only_kept: bool) -> pa.Table:
+    fs, path = url_to_fs(part)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    if only_kept:
+        table = table.filter(pa.compute.fill_null(table.column("kept"), False))
+    return table.slice(start, stop - start)
+
+
+def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: int) -> list[tuple[str, list[Member]]]:
+    """Copy every member of every row into a tar on ``sink``, one sample in memory at a time.
+
+    Header fields are fixed (mtime 0, root owner, mode 644) so a rerun gives identical bytes.
+    """
+    layout: list[tuple[str, list[Member]]] = []
+    sources: dict[str, object] = {}
+    try:
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for i, (key, shard, members_json) in enumerate(zip(rows["key"], rows["shard"], rows["members"])):
+                new_key = f"{key_prefix}{i:0{index_width}d}" if key_prefix is not None else key
+                if shard not in sources:
+                    sources[shard] = open_shard(shard)
+                written: list[Member] = []
+                for name, offset, size in json.loads(members_json):
+                    reason = unsafe_member_reason(name)
+                    if reason:
+                        raise ValueError(f"refusing to write sample {key!r}: {reason}")
+                    out_name = f"{new_key}.{split_key(name)[1]}" if key_prefix is not None else name
+                    info = tarfile.TarInfo(out_name)
+                    info.size, info.mtime, info.mode = size, 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, _exact_range(sources[shard], shard, offset, size))
+                    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    written.append(Member(out_name, tar.offset - padded, size))
+                layout.append((new_key, written))
+    finally:
+        for f in sources.values():
+            f.close()
+    return layout
+
+
+def _exact_range(f, shard: str, offset: int, size: int) -> io.BytesIO:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise ShardError(f"{shard}: expected {size} bytes at offset {offset}, got {len(data)} (file changed?)")
+    return io.BytesIO(data)
+
+
+def _relocate(rows: pd.DataFrame, layout, tar_url: str, rekeyed: bool) -> pd.DataFrame:
+    """Point the location columns at the new tar; remember where each sample came from."""
+    out = rows.copy()
+    out["source_shard"] = rows["shard"]
+    if rekeyed:
+        out["source_key"] = rows["key"]
+        out["key"] = pd.array([k for k, _ in layout], dtype=pd.StringDtype("pyarrow"))
+    new_members = [members for _, members in layout]
+    image_names = []
+    image_offsets = []
+    for old_image, old_members, members in zip(rows["image_member"], rows["members"], new_members):
+        position = next((n for n, m in enumerate(json.loads(old_members)) if m[0] == old_image), None)
+        image_names.append(members[position].name if position is not None else None)
+        image_offsets.append(members[position].offset if position is not None else None)
+    out["shard"] = pd.array([tar_url] * len(out), dtype=pd.StringDtype("pyarrow"))
+    out["image_member"] = pd.array(image_names, dtype=pd.StringDtype("pyarrow"))
+    out["image_offset"] = pd.array(image_offsets, dtype=pd.Int64Dtype())
+    out["members"] = pd.array(
+        [json.dumps([[m.name, m.offset, m.size] for m in ms]) for ms in new_members], dtype=pd.StringDtype("pyarrow")
+    )
+    return out
