@@ -166,7 +166,10 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
                 members.append(Member(info.name, info.offset_data, info.size))
         except tarfile.ReadError as exc:
             where = f" after member {members[-1].name!r}" if members else ""
-            kind = "corrupt tar" if members else "not a tar archive"
+            if "unexpected end of data" in str(exc):
+                kind = "truncated tar"
+            else:
+                kind = "corrupt tar" if members else "not a tar archive"
             return members, refused, f"{url}: {kind}{where} ({exc})"
     return members, refused, None
 

@@ -1,0 +1,228 @@
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+
+import dask_imgcurator as ic
+from dask_imgcurator.io import writer as writer_module
+from tests.conftest import jpeg_bytes, sample_entries, write_tar
+
+
+def source_members(shard_dir: Path) -> dict[str, dict[str, bytes]]:
+    """key → {member name: bytes} read with the standard library, as ground truth."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                out.setdefault(m.name.split(".")[0], {})[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def kept_frame(shard_dir):
+    ddf = ic.read_webdataset(str(shard_dir))
+    return ddf[~ddf.key.str.endswith(("1", "3"))]
+
+
+def test_filter_then_write_keeps_exact_keys_order_and_bytes(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    kept = kept_frame(shard_dir)
+    expected_keys = kept.compute()["key"].tolist()
+    result = ic.to_webdataset(kept, str(out), samples_per_shard=3)
+    assert result.samples == len(expected_keys) == 7
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{i:05d}.{e}" for i in range(3) for e in ("tar", "parquet", "idx")] + ["manifest.json"]
+    )
+    truth = source_members(shard_dir)
+    samples = list(wds.WebDataset(str(out / "{00000..00002}.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == expected_keys
+    for s in samples:
+        for name, data in truth[s["__key__"]].items():
+            assert s[name.split(".", 1)[1]] == data
+    counts = [json.loads(line.split()[1]) for line in [open(out / f"{i:05d}.idx").readline() for i in range(3)]]
+    assert counts == [3, 3, 1]
+
+
+def test_output_parquet_points_into_the_new_tar(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=4)
+    meta = pd.read_parquet(out / "00001.parquet")
+    assert len(meta) == 3
+    data = (out / "00001.tar").read_bytes()
+    for _, row in meta.iterrows():
+        assert row["shard"] == str(out / "00001.tar")
+        assert data[row["image_offset"] : row["image_offset"] + row["image_nbytes"]] == jpeg_bytes(
+            int(row["key"][1]) * 1000 + int(row["key"][-1])
+        )
+        assert row["source_shard"].endswith(f"shard-0000{row['key'][1]}.tar")
+    again = ic.read_webdataset(str(out)).compute()
+    assert again["key"].tolist() == pd.concat([pd.read_parquet(out / f"{i:05d}.parquet") for i in range(2)])["key"].tolist()
+
+
+def test_dali_webdataset_reader_reads_the_output(shard_dir, tmp_path):
+    dali = pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn
+
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    tars = [str(out / f"{i:05d}.tar") for i in range(3)]
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        jpg, txt = fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-3] + "idx" for t in tars], ext=["jpg", "txt"],
+            missing_component_behavior="error", name="reader",
+        )
+        return jpg, txt
+
+    p = pipe()
+    p.build()
+    truth = source_members(shard_dir)
+    seen = []
+    for _ in range(p.epoch_size("reader")):
+        jpg, txt = p.run()
+        caption = bytes(np.array(txt[0])).decode()
+        key = caption.removeprefix("caption of ")
+        assert bytes(np.array(jpg[0])) == truth[key][f"{key}.jpg"]
+        seen.append(key)
+    assert seen == kept_frame(shard_dir).compute()["key"].tolist()
+
+
+def test_rekey_keeps_old_key_and_all_members(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=5, rekey=True)
+    samples = list(wds.WebDataset(str(out / "{00000..00001}.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["000000", "000001", "000002", "000003", "000004", "000010", "000011"]
+    meta = pd.concat([pd.read_parquet(out / f"{i:05d}.parquet") for i in range(2)])
+    assert meta["source_key"].tolist() == kept_frame(shard_dir).compute()["key"].tolist()
+    assert meta["image_member"].tolist() == [k + ".jpg" for k in meta["key"]]
+    truth = source_members(shard_dir)
+    for s, old in zip(samples, meta["source_key"]):
+        assert s["cls"] == truth[old][f"{old}.cls"]
+
+
+def test_interrupted_write_resumes_to_identical_output(shard_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    ic.to_webdataset(kept_frame(shard_dir), str(reference), samples_per_shard=2)
+
+    out = tmp_path / "out"
+    real = writer_module._write_shard
+    calls = []
+
+    def flaky(slices, root, name, *args):
+        calls.append(name)
+        if name == "00002":
+            raise RuntimeError("simulated crash")
+        return real(slices, root, name, *args)
+
+    monkeypatch.setattr(writer_module, "_write_shard", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"), dask.config.set(scheduler="synchronous"):
+        ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2)
+    assert not (out / "manifest.json").exists()
+    assert not (out / "00002.tar").exists()
+    done_before = len(list(out.glob("*.tar")))
+    monkeypatch.setattr(writer_module, "_write_shard", real)
+    result = ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2)
+    assert result.parts_skipped == 3 and result.shards_skipped == done_before
+    assert_same_output(reference, out)
+
+
+def test_killed_process_resumes_to_identical_output(shard_dir, tmp_path):
+    reference = tmp_path / "reference"
+    ic.to_webdataset(kept_frame(shard_dir), str(reference), samples_per_shard=2)
+    out = tmp_path / "out"
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+import dask
+from dask_imgcurator.io import writer
+import dask_imgcurator as ic
+real = writer._write_shard
+calls = []
+def dying(slices, root, name, *a):
+    calls.append(name)
+    if len(calls) == 3:
+        os._exit(9)  # no cleanup, like a kill -9
+    return real(slices, root, name, *a)
+writer._write_shard = dying
+ddf = ic.read_webdataset({str(shard_dir)!r})
+with dask.config.set(scheduler="synchronous"):
+    ic.to_webdataset(ddf[~ddf.key.str.endswith(("1", "3"))], {str(out)!r}, samples_per_shard=2)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert len(list(out.glob("*.tar"))) == 2
+    result = ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2)
+    assert result.shards_skipped == 2
+    assert_same_output(reference, out)
+
+
+def assert_same_output(a: Path, b: Path):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name.endswith(".tar") or name.endswith(".idx"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        elif name.endswith(".parquet"):
+            pa_, pb = pd.read_parquet(a / name), pd.read_parquet(b / name)
+            pb["shard"] = pb["shard"].str.replace(str(b), str(a))
+            pd.testing.assert_frame_equal(pa_, pb)
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert ma["shards"] == mb["shards"]
+
+
+def test_refuses_a_different_run_unless_overwrite(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    again = ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    assert again.samples == 7 and again.shards_skipped == 3
+    with pytest.raises(ic.OutputExistsError, match="different run"):
+        ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2)
+    result = ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2, overwrite=True)
+    assert len(result.shards) == 4 and not (out / "00004.tar").exists()
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ic.OutputExistsError, match="did not write"):
+        ic.to_webdataset(kept_frame(shard_dir), str(stranger))
+
+
+def test_unsafe_member_names_are_never_written(tmp_path):
+    write_tar(tmp_path / "in.tar", sample_entries("ok", 2) + [("../evil.jpg", jpeg_bytes(1))])
+    ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
+    with pytest.raises(ValueError, match=r"refusing to write sample '../evil': member name '../evil.jpg' contains '..'"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.tar"))
+    ic.to_webdataset(ddf[ddf.error.isna()], str(tmp_path / "out2"))
+    assert len(list(wds.WebDataset(str(tmp_path / "out2" / "00000.tar"), shardshuffle=False))) == 2
+
+
+def test_error_rows_without_members_are_refused_with_advice(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    ddf = ic.read_webdataset(str(tmp_path / "junk.tar"))
+    with pytest.raises(ValueError, match=r"no members to write .* ddf\[ddf.error.isna\(\)\]"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"))
+
+
+def test_memory_filesystem_output():
+    ic.make_demo_shards("memory://writer-in", n_shards=2, samples_per_shard=4)
+    ddf = ic.read_webdataset("memory://writer-in")
+    result = ic.to_webdataset(ddf, "memory://writer-out", samples_per_shard=3)
+    assert [r["samples"] for r in result.shards] == [3, 3, 2]
+    back = ic.read_webdataset("memory://writer-out/*.tar").compute()
+    assert back["key"].tolist() == ddf.compute()["key"].tolist()
+
+
+def test_write_uses_a_distributed_client_when_present(shard_dir, tmp_path):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster):
+        result = ic.to_webdataset(kept_frame(shard_dir), str(tmp_path / "out"), samples_per_shard=3)
+    assert result.samples == 7
