@@ -42,7 +42,15 @@ from dask_imgcurator.io.shards import (
 )
 from dask_imgcurator.progress import run_tasks
 
-__all__ = ["to_webdataset", "stage_partitions", "write_shards", "WriteResult", "OutputExistsError"]
+__all__ = [
+    "to_webdataset",
+    "stage_partitions",
+    "write_shards",
+    "claim_output",
+    "finish_output",
+    "WriteResult",
+    "OutputExistsError",
+]
 
 MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
@@ -126,18 +134,18 @@ def to_webdataset(
     >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
     4
     """
+    params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
+    if finished is not None:  # this exact write already completed
+        return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
-    _claim_output(fs, root, fingerprint, overwrite, {"samples_per_shard": samples_per_shard, "rekey": rekey})
-    manifest = _read_json(fs, posixpath.join(root, MANIFEST))
-    if manifest is not None:  # this exact write already finished
-        return WriteResult(out_dir, manifest["samples"], manifest["shards"], len(manifest["shards"]))
     staging = posixpath.join(root, STAGING_DIR)
     parts, parts_skipped = stage_partitions(ddf, _url(fs, staging), progress=progress)
     result = write_shards(parts, out_dir, samples_per_shard, rekey=rekey, progress=progress)
     result.parts_skipped = parts_skipped
-    _finish(fs, root, result, fingerprint, {"samples_per_shard": samples_per_shard, "rekey": rekey})
     fs.rm(staging, recursive=True)
+    finish_output(out_dir, fingerprint, {**params, "samples": result.samples, "shards": result.shards})
     return result
 
 
@@ -204,28 +212,39 @@ def write_shards(
 # ----------------------------------------------------------------------------- run bookkeeping
 
 
-def _claim_output(fs, root: str, fingerprint: str, overwrite: bool, params: dict) -> None:
+def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False) -> dict | None:
+    """Make ``out_dir`` ours for the run identified by ``fingerprint``.
+
+    Returns the finished manifest when this same run already completed there, else None after
+    leaving a run marker. An output dir holding another run, or foreign files, is refused unless
+    ``overwrite`` (then it is emptied).
+    """
+    fs, root = url_to_fs(out_dir)
+    manifest = _read_json(fs, posixpath.join(root, MANIFEST))
     marker = posixpath.join(root, RUN_MARKER)
-    previous = _read_json(fs, marker) or _read_json(fs, posixpath.join(root, MANIFEST))
+    previous = manifest or _read_json(fs, marker)
     if previous is not None and previous.get("fingerprint") == fingerprint:
-        return
+        return manifest
     if fs.exists(root) and fs.ls(root):
         if not overwrite:
             what = "the output of a different run" if previous else "files that this tool did not write"
             raise OutputExistsError(
-                f"{root} already holds {what}; choose another output directory or pass "
+                f"{out_dir} already holds {what}; choose another output directory or pass "
                 "overwrite=True (--overwrite) to replace it"
             )
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
     _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+    return None
 
 
-def _finish(fs, root: str, result: WriteResult, fingerprint: str, params: dict) -> None:
-    manifest = {"fingerprint": fingerprint, **params, "samples": result.samples, "shards": result.shards}
-    _write_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
-    fs.rm(posixpath.join(root, PROGRESS_DIR), recursive=True)
-    fs.rm(posixpath.join(root, RUN_MARKER))
+def finish_output(out_dir: str, fingerprint: str, manifest: dict) -> None:
+    """Record a completed run in ``manifest.json`` and drop the in-progress bookkeeping."""
+    fs, root = url_to_fs(out_dir)
+    _write_atomic(fs, posixpath.join(root, MANIFEST), json.dumps({"fingerprint": fingerprint, **manifest}, indent=1).encode())
+    for leftover in (PROGRESS_DIR, RUN_MARKER):
+        if fs.exists(posixpath.join(root, leftover)):
+            fs.rm(posixpath.join(root, leftover), recursive=True)
 
 
 def _read_json(fs, path: str) -> dict | None:
@@ -303,9 +322,9 @@ def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tup
 def _stage_part(df, path: str) -> int:
     """Validate one computed partition and save it atomically as Parquet."""
     table = to_arrow(df)
-    if "members" in table.column_names:
-        for key, members in zip(table.column("key").to_pylist(), table.column("members").to_pylist()):
-            _check_members(key, members)
+    to_write = table.filter(pa.compute.fill_null(table.column("kept"), False)) if "kept" in table.column_names else table
+    for key, members in zip(to_write.column("key").to_pylist(), to_write.column("members").to_pylist()):
+        _check_members(key, members)
     fs, local = url_to_fs(path)
     sink = io.BytesIO()
     pq.write_table(table, sink)

@@ -1,0 +1,194 @@
+"""A curation run's output: metadata for every sample, shards of the kept ones, and the accounting.
+
+Layout of ``OUT``::
+
+    OUT/metadata/part-NNNNN.parquet   every input sample (one part per input shard) with its
+                                      scores, ``kept`` flag, ``drop_reason`` and ``error``
+    OUT/shards/NNNNN.{tar,parquet,idx} the kept samples, re-sharded (see ``write_shards``)
+    OUT/shards/manifest.json          counts and checksums of the shards
+    OUT/summary.json                  samples in = kept + filtered + failed
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import dask
+import dask.dataframe as dd
+import pandas as pd
+import pyarrow.parquet as pq
+from dask.base import tokenize
+from fsspec.core import url_to_fs
+
+from dask_imgcurator.io.writer import claim_output, finish_output, stage_partitions, write_shards
+from dask_imgcurator.progress import run_tasks
+from dask_imgcurator.schema import STRING
+
+__all__ = ["mark_kept", "write_curated", "CurationSummary", "error_kind"]
+
+SUMMARY = "summary.json"
+
+#: Phrases that name the kind of an ``error`` value, most specific first.
+ERROR_KINDS = (
+    ("truncated tar", "unreadable shard"),
+    ("not a tar archive", "unreadable shard"),
+    ("corrupt tar", "unreadable shard"),
+    ("empty file (0 bytes)", "unreadable shard"),
+    ("broken entry after this sample", "unreadable shard"),
+    ("no image member", "no image"),
+    ("duplicate key", "duplicate key"),
+    ("two '", "duplicate member"),
+    ("contains '..'", "unsafe member name"),
+    ("absolute path", "unsafe member name"),
+    ("NUL byte", "unsafe member name"),
+    ("entries are not supported", "unsupported tar entry"),
+    ("pixel limit", "image over pixel limit"),
+    ("empty image", "empty image"),
+)
+
+
+def error_kind(error: str) -> str:
+    """A short category for an ``error`` value, for the run's accounting."""
+    for phrase, kind in ERROR_KINDS:
+        if phrase in error:
+            return kind
+    return "decode or model error" if error else "unknown"
+
+
+def mark_kept(ddf: dd.DataFrame, keep: dd.Series | None = None, reasons: dd.Series | None = None) -> dd.DataFrame:
+    """Add ``kept`` (bool) and ``drop_reason`` (string) columns.
+
+    A row is kept when it has no ``error`` and ``keep`` (a boolean mask, optional) is true.
+    ``drop_reason`` names the filter condition a row failed (from ``reasons``, e.g.
+    :func:`~dask_imgcurator.stages.filters.drop_reason`), and is null for kept and failed rows.
+    """
+    ok = ddf["error"].isna()
+    kept = ok if keep is None else ok & keep.fillna(False).astype(bool)
+    dropped = ok & ~kept
+    if reasons is None:
+        reasons = ddf["key"].mask(dropped, "filter")
+    return ddf.assign(kept=kept, drop_reason=reasons.where(dropped, None).astype(STRING))
+
+
+@dataclass
+class CurationSummary:
+    """The accounting of one run: every input sample is kept, filtered or failed."""
+
+    samples_in: int = 0
+    kept: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    written: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    parts_skipped: int = 0
+
+    @property
+    def balanced(self) -> bool:
+        """in = kept + filtered + failed, and every kept sample was written."""
+        return (
+            self.samples_in == self.kept + sum(self.filtered.values()) + sum(self.failed.values())
+            and self.kept == self.written
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "balanced": self.balanced}
+
+    def report(self) -> str:
+        """Human-readable lines for the end of a CLI run."""
+        lines = [
+            f"samples in: {self.samples_in} = kept {self.kept} + filtered {sum(self.filtered.values())}"
+            f" + failed {sum(self.failed.values())}"
+            + ("" if self.balanced else "   <-- DOES NOT ADD UP"),
+        ]
+        lines += [f"  filtered by {cond!r}: {n}" for cond, n in sorted(self.filtered.items())]
+        lines += [f"  failed ({kind}): {n}" for kind, n in sorted(self.failed.items())]
+        lines.append(f"written: {self.written} samples in {self.shards} shards")
+        if self.parts_skipped or self.shards_skipped:
+            lines.append(
+                f"resumed: {self.parts_skipped} metadata parts and {self.shards_skipped} shards were already complete"
+            )
+        return "\n".join(lines)
+
+
+def write_curated(
+    ddf: dd.DataFrame,
+    out_dir: str,
+    *,
+    samples_per_shard: int = 10_000,
+    rekey: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> CurationSummary:
+    """Write a marked frame (see :func:`mark_kept`): metadata for all rows, shards of kept rows.
+
+    Computes ``ddf`` once per partition. Resumable: re-running after an interruption skips
+    metadata parts and shards that are complete and produces the same files.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+        Rows from :func:`read_webdataset`, possibly with scores, plus ``kept``/``drop_reason``.
+    out_dir : str
+        Output directory or fsspec URL (layout in this module's docstring).
+    samples_per_shard, rekey : see :func:`to_webdataset`.
+    overwrite : bool
+        Replace an output directory that holds a different run.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    CurationSummary
+    """
+    missing = {"kept", "drop_reason", "error"} - set(ddf.columns)
+    if missing:
+        raise ValueError(f"write_curated needs columns {sorted(missing)}; add them with mark_kept()")
+    params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
+    fingerprint = tokenize(ddf, samples_per_shard, rekey)
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
+    fs, root = url_to_fs(out_dir)
+    if finished is not None:
+        summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})
+        summary.parts_skipped, summary.shards_skipped = len(finished["parts"]), summary.shards
+        return summary
+    parts, parts_skipped = stage_partitions(ddf, _join(fs, root, "metadata"), progress=progress)
+    shards = write_shards(parts, _join(fs, root, "shards"), samples_per_shard, rekey=rekey, only_kept=True, progress=progress)
+    finish_output(_join(fs, root, "shards"), fingerprint, {**params, "samples": shards.samples, "shards": shards.shards})
+    summary = _count(parts, progress)
+    summary.written, summary.shards = shards.samples, len(shards.shards)
+    summary.shards_skipped, summary.parts_skipped = shards.shards_skipped, parts_skipped
+    with fs.open(posixpath.join(root, SUMMARY), "w") as f:
+        json.dump(summary.to_dict(), f, indent=1)
+    finish_output(out_dir, fingerprint, {**params, "summary": summary.to_dict(), "parts": parts})
+    return summary
+
+
+def _join(fs, root: str, name: str) -> str:
+    path = posixpath.join(root, name)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def _count(parts: list[str], progress: bool) -> CurationSummary:
+    count = dask.delayed(_count_part, pure=True)
+    totals = CurationSummary()
+    filtered, failed = Counter(), Counter()
+    for n_in, n_kept, part_filtered, part_failed in run_tasks([count(p) for p in parts], "count", progress):
+        totals.samples_in += n_in
+        totals.kept += n_kept
+        filtered.update(part_filtered)
+        failed.update(part_failed)
+    totals.filtered, totals.failed = dict(filtered), dict(failed)
+    return totals
+
+
+def _count_part(part: str) -> tuple[int, int, dict, dict]:
+    fs, path = url_to_fs(part)
+    with fs.open(path, "rb") as f:
+        df: pd.DataFrame = pq.read_table(f, columns=["kept", "drop_reason", "error"]).to_pandas()
+    failed = Counter(error_kind(e) for e in df["error"].dropna())
+    filtered = Counter(df["drop_reason"].dropna())
+    return len(df), int(df["kept"].fillna(False).sum()), dict(filtered), dict(failed)
