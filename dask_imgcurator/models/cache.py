@@ -1,0 +1,74 @@
+"""Load each model once per Dask worker (or once per process outside Dask)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_ATTR = "_imgcurator_models"
+_GUARD = threading.Lock()
+_PROCESS_SLOTS: dict[Hashable, _Slot] = {}
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.value: Any = None
+
+
+def _slots() -> dict[Hashable, _Slot]:
+    worker = _current_worker()
+    if worker is None:
+        return _PROCESS_SLOTS
+    with _GUARD:
+        if not hasattr(worker, _ATTR):
+            setattr(worker, _ATTR, {})
+        return getattr(worker, _ATTR)
+
+
+def _current_worker() -> Any:
+    if "distributed" not in sys.modules:  # never imported: cannot be inside a worker
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def get_cached(key: Hashable, loader: Callable[[], T]) -> T:
+    """Return the value cached under ``key``, calling ``loader()`` the first time.
+
+    Values live on the current ``distributed`` worker (an attribute of the worker object)
+    when called inside a task, else in a process-wide dict. Concurrent callers with the
+    same key wait for one load; different keys load in parallel. A loader that raises
+    caches nothing, so the next call retries.
+
+    Parameters
+    ----------
+    key : hashable
+        Everything that determines the value, e.g. ``("clip", ref, "cuda:0", "bf16")``.
+    loader : callable
+        Builds the value; runs at most once per key and worker while it succeeds.
+    """
+    slots = _slots()
+    with _GUARD:
+        slot = slots.setdefault(key, _Slot())
+    with slot.lock:
+        if not slot.loaded:
+            slot.value = loader()
+            slot.loaded = True
+        return slot.value
+
+
+def clear_cache() -> None:
+    """Drop every cached value of the current worker (or process), e.g. to free GPU memory."""
+    slots = _slots()
+    with _GUARD:
+        slots.clear()

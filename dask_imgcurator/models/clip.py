@@ -1,0 +1,190 @@
+"""CLIP image encoders: find or download weights, save them as open_clip local dirs, load them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from safetensors.torch import save_file
+
+from .cache import get_cached
+from .encoder import LoadedModel, ModelInfo
+from .ref import LOCAL_DIR_PREFIX, ClipRef
+from .spec import spec_from_cfg
+from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
+    """Load a CLIP image encoder, once per worker and (ref, device, precision).
+
+    Weights come from ``ref.model_dir``, else the cache, else are downloaded into the
+    cache (unless offline). Only the image tower is kept.
+
+    Parameters
+    ----------
+    ref : ClipRef
+        Which model and where to look for it.
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    precision : {"fp32", "bf16", "fp16"}
+        See ``LoadedModel``.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        Weights are missing and cannot be downloaded.
+    UnsafeWeightsError
+        A checkpoint file holds pickled objects other than tensors.
+    """
+    key = ("clip", ref, str(device), precision)
+    return get_cached(key, lambda: _load(ref, device, precision))
+
+
+def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
+    if ref.kind == "file":
+        try:
+            model = open_clip.create_model(ref.name, pretrained=ref.pretrained, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeWeightsError(
+                f"refusing to load {ref.pretrained}: it is not a plain tensor state dict, and loading "
+                f"it could run arbitrary code ({str(err).splitlines()[0]})"
+            ) from None
+        cfg = model_cfg(ref)
+    else:
+        path = clip_dir(ref)
+        model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
+        cfg = _read_config(path)["model_cfg"]
+    info = ModelInfo(str(ref), int(cfg["embed_dim"]), spec_from_cfg(model.visual.preprocess_cfg))
+    return LoadedModel(model.visual, info, device=device, precision=precision)
+
+
+def clip_dir(ref: ClipRef) -> Path:
+    """Local open_clip directory (config + safetensors) holding ``ref``'s weights.
+
+    ``local-dir:`` refs point at it directly. Otherwise looks in ``ref.model_dir/clip/<slug>``,
+    then the cache, and downloads with open_clip and saves into the cache when neither has
+    it (unless offline).
+    """
+    if ref.kind == "file":
+        raise ValueError(f"{ref} is a checkpoint file, not an open_clip directory")
+    found = _local_dir(ref)
+    if found is not None:
+        return found
+    what = f"CLIP model {ref}"
+    if ref.kind == "local-dir":
+        path = Path(ref.name[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        raise WeightsNotFoundError.missing(
+            what, [path], f"A model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}."
+        )
+    candidates = _candidates(ref)
+    check_online(what, candidates, ref.offline)
+    try:
+        _download(ref, candidates[-1])
+    except Exception as err:  # network, hub or open_clip failure: one clear error
+        raise WeightsNotFoundError.missing(
+            what, candidates, f"Download failed: {type(err).__name__}: {err}"
+        ) from err
+    return candidates[-1]
+
+
+def _candidates(ref: ClipRef) -> list[Path]:
+    if ref.kind == "local-dir":
+        return [Path(ref.name[len(LOCAL_DIR_PREFIX) :]).expanduser()]
+    return [root / "clip" / ref.slug for root in search_roots(ref.model_dir, ref.cache_dir)]
+
+
+def _local_dir(ref: ClipRef) -> Path | None:
+    return next((path for path in _candidates(ref) if is_clip_dir(path)), None)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / CONFIG_FILE).read_text())
+
+
+def is_clip_dir(path: Path) -> bool:
+    """Whether ``path`` holds an open_clip config and safetensors weights."""
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def open_clip_kwargs(ref: ClipRef) -> dict[str, Any]:
+    """Arguments for ``open_clip.create_model`` that download ``ref`` (kind ``tag`` or ``hf-hub``).
+
+    OpenAI-trained tags need QuickGELU, which open_clip only warns about; it is forced here.
+    """
+    if ref.kind == "hf-hub":
+        return {"model_name": ref.name}
+    quick_gelu = bool(open_clip.get_pretrained_cfg(ref.name, str(ref.pretrained)).get("quick_gelu"))
+    return {"model_name": ref.name, "pretrained": ref.pretrained, "force_quick_gelu": quick_gelu}
+
+
+def model_cfg(ref: ClipRef, cache_dir: str | None = None) -> dict[str, Any]:
+    """open_clip ``model_cfg`` that ``ref`` is downloaded with (QuickGELU resolved)."""
+    if ref.kind == "hf-hub":
+        return _hf_config(ref, cache_dir)["model_cfg"]
+    cfg = open_clip.get_model_config(ref.name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {ref.name!r}; see open_clip.list_models()")
+    if open_clip_kwargs(ref).get("force_quick_gelu"):
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def _hf_config(ref: ClipRef, cache_dir: str | None = None) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(
+        Path(hf_hub_download(ref.name[len("hf-hub:") :], CONFIG_FILE, cache_dir=cache_dir)).read_text()
+    )
+
+
+def _download(ref: ClipRef, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        cfg = model_cfg(ref, cache_dir=tmp)
+        model = open_clip.create_model(**open_clip_kwargs(ref), cache_dir=tmp, require_pretrained=True)
+        staged = Path(tmp) / "model"
+        save_clip_dir(model, cfg, staged)
+        try:
+            os.replace(staged, dest)
+        except OSError:
+            if not is_clip_dir(dest):  # another worker finishing first is fine
+                raise
+
+
+def save_clip_dir(model: torch.nn.Module, cfg: dict[str, Any], path: Path) -> None:
+    """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": cfg, "preprocess_cfg": model.visual.preprocess_cfg}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+
+
+def clip_info(ref: ClipRef) -> ModelInfo:
+    """Embedding width and preprocessing of ``ref`` without loading (or downloading) weights.
+
+    Reads the local dir's config when there is one, else open_clip's built-in configs
+    (``hf-hub:`` models fetch only their config file, unless offline).
+    """
+    path = _local_dir(ref) if ref.kind != "file" else None
+    if path is None and (ref.kind == "local-dir" or (ref.kind == "hf-hub" and is_offline(ref.offline))):
+        clip_dir(ref)  # raises the not-found error
+    if path is not None or ref.kind == "hf-hub":
+        config = _read_config(path) if path is not None else _hf_config(ref)
+        cfg, pp = config["model_cfg"], config.get("preprocess_cfg", {})
+    else:
+        cfg = model_cfg(ref)
+        pp = open_clip.get_pretrained_cfg(ref.name, str(ref.pretrained)) if ref.kind == "tag" else {}
+    merged = merge_preprocess_dict(PreprocessCfg(), pp)
+    merged["size"] = cfg["vision_cfg"].get("image_size", merged["size"])
+    return ModelInfo(str(ref), int(cfg["embed_dim"]), spec_from_cfg(merged))

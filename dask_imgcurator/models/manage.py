@@ -1,0 +1,106 @@
+"""Prepare model dirs for offline use and list what is available."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
+from .heads import head_weights
+from .ref import ClipRef
+from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, search_roots
+
+DEFAULT_CLIP = "ViT-L-14/openai"
+DEFAULT_HEADS = ("aesthetic", "nsfw")
+
+
+def download_models(
+    model_dir: str | os.PathLike,
+    clip: str | ClipRef = DEFAULT_CLIP,
+    heads: Sequence[str] = DEFAULT_HEADS,
+) -> list[Path]:
+    """Download a CLIP model and its heads into ``model_dir`` for use without internet.
+
+    ``model_dir`` gets the same layout as the cache (``clip/<slug>/`` as an open_clip
+    local dir, ``heads/<head>/<slug>.*``); copy it to the offline machine and pass it as
+    ``model_dir``. Files already present are kept.
+
+    Parameters
+    ----------
+    model_dir : path
+        Directory to fill (created if needed).
+    clip : str or ClipRef
+        CLIP model, e.g. ``"ViT-L-14/openai"`` or ``"hf-hub:org/repo"``.
+    heads : sequence of str
+        Heads with known weights for that model (see ``KNOWN_HEAD_WEIGHTS``).
+
+    Returns
+    -------
+    list of Path
+        The CLIP directory, then one weights file per head.
+    """
+    ref = clip if isinstance(clip, ClipRef) else ClipRef.parse(clip)
+    if ref.kind not in ("tag", "hf-hub"):
+        raise ValueError(f"{ref} is already local; only open_clip tags and hf-hub: models are downloaded")
+    target = dataclasses.replace(ref, model_dir=None, cache_dir=str(model_dir))
+    return [clip_dir(target)] + [head_weights(h, target.head_family, **target.store_kwargs()) for h in heads]
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model in ``list_models``.
+
+    ``kind`` is ``"clip"`` or ``"head"``; ``name`` the CLIP slug or ``head/slug``;
+    ``location`` the local path (None: not present); ``source`` where it downloads from.
+    """
+
+    kind: str
+    name: str
+    embed_dim: int | None
+    location: str | None
+    source: str
+
+
+def list_models(
+    model_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[ModelRow]:
+    """Known downloadable models plus everything present in ``model_dir`` and the cache.
+
+    Where a model is in both, ``location`` is the one used (``model_dir`` first).
+    """
+    default = ClipRef.parse(DEFAULT_CLIP)
+    rows = {
+        ("clip", default.slug): ModelRow(
+            "clip", default.slug, clip_info(default).embed_dim, None, f"open_clip {default}"
+        )
+    }
+    for (head, slug), entry in KNOWN_HEAD_WEIGHTS.items():
+        sources = " | ".join(str(s) for s in entry.sources)
+        rows["head", f"{head}/{slug}"] = ModelRow("head", f"{head}/{slug}", entry.embed_dim, None, sources)
+    for root in reversed(search_roots(model_dir, cache_dir)):
+        for path in sorted((root / "clip").glob("*")):
+            if is_clip_dir(path):
+                dim = json.loads((path / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"]
+                _present(rows, "clip", path.name, dim, path)
+        for path in sorted((root / "heads").glob("*/*")):
+            if path.suffix in WEIGHT_SUFFIXES:
+                _present(rows, "head", f"{path.parent.name}/{path.stem}", None, path)
+    dims = {row.name: row.embed_dim for row in rows.values() if row.kind == "clip"}
+    return [
+        dataclasses.replace(row, embed_dim=dims.get(row.name.split("/", 1)[1]))
+        if row.kind == "head" and row.embed_dim is None
+        else row
+        for row in rows.values()
+    ]
+
+
+def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path) -> None:
+    old = rows.get((kind, name))
+    if old is None:
+        rows[kind, name] = ModelRow(kind, name, dim, str(path), "local only")
+    else:
+        rows[kind, name] = dataclasses.replace(old, location=str(path), embed_dim=old.embed_dim or dim)

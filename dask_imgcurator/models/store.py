@@ -1,0 +1,286 @@
+"""Where model weights live: model dirs, the download cache, downloads, and safe loading.
+
+A model dir (and the cache, which has the same layout) looks like::
+
+    MODEL_DIR/
+      clip/<slug>/open_clip_config.json        # open_clip "local-dir:" format
+      clip/<slug>/open_clip_model.safetensors
+      heads/<head>/<slug>.safetensors | .pth   # head for the CLIP model <slug>
+
+``<slug>`` names the CLIP model, e.g. ``ViT-L-14-openai`` (see ``ClipRef.slug``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth")
+_TRUE = ("1", "true", "yes", "on")
+_PREPARE_HINT = (
+    "To prepare weights for a machine without internet, run `imgcurator models download "
+    "--model-dir DIR` on a machine with internet, copy DIR over, and pass `--model-dir DIR` "
+    "(model_dir=DIR in Python)."
+)
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Weights are not available locally and could not (or may not) be downloaded."""
+
+    @classmethod
+    def missing(cls, what: str, looked: list[Path], reason: str) -> WeightsNotFoundError:
+        """The error for ``what``, listing where it was looked for, why, and how to prepare it."""
+        places = "\n".join(f"  {p}" for p in looked) or "  (nowhere)"
+        return cls(f"{what} not found. Looked in:\n{places}\n{reason}\n{_PREPARE_HINT}")
+
+
+class WeightsVerificationError(RuntimeError):
+    """A downloaded file does not have the expected size or SHA-256."""
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights file holds pickled Python objects other than tensors; it is never executed."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a weights file can be downloaded from.
+
+    Exactly one of ``url`` (http(s) or file URL) and ``hf_repo`` (with ``hf_filename``)
+    is set. ``member`` names the file inside a zip archive; ``size``/``sha256`` describe
+    the downloaded object and are verified when known (None: not verified).
+    """
+
+    url: str | None = None
+    hf_repo: str | None = None
+    hf_filename: str | None = None
+    hf_revision: str | None = None
+    member: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def suffix(self) -> str:
+        """Suffix of the stored weights file (``.pth`` or ``.safetensors``)."""
+        name = self.member or self.hf_filename or str(self.url)
+        return ".safetensors" if name.endswith(".safetensors") else ".pth"
+
+    def __str__(self) -> str:
+        if self.hf_repo:
+            return f"hf-hub:{self.hf_repo}/{self.hf_filename}@{self.hf_revision or 'main'}"
+        return f"{self.url}" + (f" ({self.member})" if self.member else "")
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A weights file known by a stem inside a model dir, with its download sources.
+
+    Parameters
+    ----------
+    name : str
+        Human-readable name used in messages (``"aesthetic head for ViT-L-14-openai"``).
+    stem : str
+        Path inside a model dir without suffix (``"heads/aesthetic/ViT-L-14-openai"``).
+    sources : tuple of Source
+        Tried in order; empty when the file can only be provided locally.
+    embed_dim : int or None
+        Embedding width the weights expect, when known.
+    """
+
+    name: str
+    stem: str
+    sources: tuple[Source, ...] = ()
+    embed_dim: int | None = None
+
+
+_L14 = "ViT-L-14-openai"
+#: Head weights that can be downloaded, by (head name, CLIP slug).
+KNOWN_HEAD_WEIGHTS: dict[tuple[str, str], WeightFile] = {
+    ("aesthetic", _L14): WeightFile(
+        name=f"LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) for {_L14}",
+        stem=f"heads/aesthetic/{_L14}",
+        sources=(
+            Source(
+                hf_repo="ttj/sac-logos-ava1-l14-linearMSE",
+                hf_filename="model.safetensors",
+                hf_revision="1e77fa05081323d99725fc40a9bf9f88180490e7",
+            ),
+            Source(
+                url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                "sac+logos+ava1-l14-linearMSE.pth",
+                size=3_714_759,
+            ),
+        ),
+        embed_dim=768,
+    ),
+    ("nsfw", _L14): WeightFile(
+        name=f"LAION CLIP-based NSFW detector (clip_autokeras_binary_nsfw) for {_L14}",
+        stem=f"heads/nsfw/{_L14}",
+        sources=(
+            Source(
+                url="https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/"
+                "clip_autokeras_binary_nsfw.zip",
+                member="clip_autokeras_binary_nsfw.pth",
+            ),
+        ),
+        embed_dim=768,
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """Download cache: ``$IMGCURATOR_HOME/models``, default ``~/.cache/dask_imgcurator/models``."""
+    home = os.environ.get("IMGCURATOR_HOME") or "~/.cache/dask_imgcurator"
+    return Path(home).expanduser() / "models"
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """True when downloads are disabled: ``offline``, else ``HF_HUB_OFFLINE``/``IMGCURATOR_OFFLINE``."""
+    if offline is not None:
+        return offline
+    return any(
+        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "IMGCURATOR_OFFLINE")
+    )
+
+
+def search_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLike | None) -> list[Path]:
+    """Model dirs searched in order: the explicit ``model_dir``, then the cache."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return ([Path(model_dir).expanduser()] if model_dir else []) + [cache]
+
+
+def find_weights(stem: str, roots: list[Path]) -> Path | None:
+    """First existing ``root/stem + suffix`` (safetensors preferred), or None."""
+    for root in roots:
+        for suffix in WEIGHT_SUFFIXES:
+            path = root / (stem + suffix)
+            if path.is_file():
+                return path
+    return None
+
+
+def resolve(
+    entry: WeightFile,
+    model_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+) -> Path:
+    """Path of a weights file: from ``model_dir``, else the cache, else downloaded into the cache.
+
+    Downloads are verified against the source's size/SHA-256 when known and written
+    atomically. Files found locally are trusted as they are.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        Not found locally and offline, without a source, or every download failed.
+    WeightsVerificationError
+        A download has the wrong size or checksum (nothing is stored).
+    """
+    roots = search_roots(model_dir, cache_dir)
+    found = find_weights(entry.stem, roots)
+    if found is not None:
+        return found
+    looked = [root / (entry.stem + "{" + ",".join(WEIGHT_SUFFIXES) + "}") for root in roots]
+    if not entry.sources:
+        raise WeightsNotFoundError.missing(entry.name, looked, "No download source is known for it.")
+    check_online(entry.name, looked, offline)
+    failures = []
+    for source in entry.sources:
+        dest = roots[-1] / (entry.stem + source.suffix)
+        try:
+            download(source, dest)
+            return dest
+        except WeightsVerificationError:
+            raise
+        except Exception as err:  # any failure of one source: try the next, report all
+            failures.append(f"  {source}: {type(err).__name__}: {err}")
+    raise WeightsNotFoundError.missing(entry.name, looked, "Download failed:\n" + "\n".join(failures))
+
+
+def check_online(what: str, looked: list[Path], offline: bool | None) -> None:
+    """Raise ``WeightsNotFoundError`` for ``what`` when downloads are disabled."""
+    if is_offline(offline):
+        why = "offline=True" if offline else "HF_HUB_OFFLINE or IMGCURATOR_OFFLINE is set"
+        raise WeightsNotFoundError.missing(what, looked, f"Downloads are disabled ({why}).")
+
+
+def download(source: Source, dest: Path) -> None:
+    """Download ``source`` to ``dest`` atomically, verifying size/SHA-256 and unzipping ``member``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        fetched = _fetch(source, Path(tmp))
+        verify(fetched, source.size, source.sha256, str(source))
+        if source.member:
+            with zipfile.ZipFile(fetched) as archive, archive.open(source.member) as src:
+                fetched = Path(tmp) / "member"
+                with open(fetched, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        os.replace(fetched, dest)
+
+
+def _fetch(source: Source, tmp: Path) -> Path:
+    if source.hf_repo:
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            hf_hub_download(
+                source.hf_repo, str(source.hf_filename), revision=source.hf_revision, local_dir=tmp / "hf"
+            )
+        )
+    target = tmp / "download"
+    with urllib.request.urlopen(str(source.url), timeout=60) as response, open(target, "wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+    return target
+
+
+def verify(path: Path, size: int | None, sha256: str | None, what: str) -> None:
+    """Raise ``WeightsVerificationError`` when ``path`` differs from a known size or SHA-256."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise WeightsVerificationError(f"{what}: expected {size} bytes, got {actual_size}")
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256.lower():
+            raise WeightsVerificationError(f"{what}: SHA-256 {digest.hexdigest()} does not match {sha256}")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a tensor state dict from ``.safetensors`` or a ``torch.save`` file, never running pickled code.
+
+    Raises
+    ------
+    UnsafeWeightsError
+        The file holds Python objects other than tensors (``torch.load(weights_only=True)``
+        refuses it; nothing in it is executed).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeWeightsError(
+            f"refusing to load {path}: it is not a plain tensor state dict, and loading it could "
+            "run arbitrary code. Only .safetensors files and torch.save(state_dict) files are "
+            f"accepted. (torch.load(weights_only=True) said: {str(err).splitlines()[0]})"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return dict(obj)

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU
+
+from dask_imgcurator.decode.base import OPENAI_MEAN, OPENAI_STD, PreprocessSpec
+from dask_imgcurator.models import (
+    ClipRef,
+    UnsafeWeightsError,
+    WeightsNotFoundError,
+    load_clip,
+    make_tiny_model_dir,
+)
+from dask_imgcurator.models.clip import clip_dir, clip_info, model_cfg, open_clip_kwargs
+
+from .conftest import Payload
+
+
+def _pixels(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _activations(module: torch.nn.Module) -> set[type]:
+    return {type(m) for m in module.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+
+
+def test_tiny_round_trip_is_deterministic_and_normalised(tmp_path: Path) -> None:
+    a = make_tiny_model_dir(tmp_path / "a", seed=3).load()
+    b = make_tiny_model_dir(tmp_path / "b", seed=3).load()
+    other = make_tiny_model_dir(tmp_path / "c", seed=4).load()
+    x = _pixels()
+    ea, eb = a.encode(x), b.encode(x)
+    assert ea.dtype == torch.float32 and ea.shape == (4, 32)
+    torch.testing.assert_close(ea.norm(dim=1), torch.ones(4))
+    assert torch.equal(ea, eb)
+    assert not torch.allclose(ea, other.encode(x))
+    assert a.embed_dim == 32 and a.device == torch.device("cpu") and a.precision == "fp32"
+    assert a.preprocess == PreprocessSpec(size=32, mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic")
+    sims = ea @ ea.T
+    assert sims[~torch.eye(4, dtype=torch.bool)].max() < 0.95  # different images, different embeddings
+
+
+def test_tiny_loads_through_model_dir_lookup_only(tiny: ClipRef) -> None:
+    assert tiny.kind == "tag" and tiny.offline
+    assert clip_dir(tiny) == Path(tiny.model_dir) / "clip" / tiny.slug
+    assert tiny.info() == tiny.load().info
+
+
+def test_local_dir_and_plain_path_forms_load_the_same_weights(tiny: ClipRef) -> None:
+    folder = Path(tiny.model_dir) / "clip" / tiny.slug
+    x = _pixels()
+    expected = tiny.load().encode(x)
+    for text in (f"local-dir:{folder}", str(folder)):
+        torch.testing.assert_close(ClipRef.parse(text).load().encode(x), expected)
+
+
+def test_saved_dir_is_open_clip_local_dir_format(tiny: ClipRef) -> None:
+    folder = Path(tiny.model_dir) / "clip" / tiny.slug
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    x = _pixels()
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+    torch.testing.assert_close(tiny.load().encode(x), direct)
+    assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_tiny_activation_is_configurable(tmp_path: Path, quick_gelu: bool) -> None:
+    ref = make_tiny_model_dir(tmp_path, quick_gelu=quick_gelu)
+    loaded = ref.load()
+    assert _activations(loaded._forward) == ({QuickGELU} if quick_gelu else {torch.nn.GELU})
+
+
+def test_vit_l_14_openai_is_built_with_quick_gelu() -> None:
+    ref = ClipRef.parse("ViT-L-14/openai")
+    kwargs = open_clip_kwargs(ref)
+    assert kwargs == {"model_name": "ViT-L-14", "pretrained": "openai", "force_quick_gelu": True}
+    assert model_cfg(ref)["quick_gelu"] is True  # what a download saves into the model dir
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-L-14", force_quick_gelu=kwargs["force_quick_gelu"], device="meta")
+    assert _activations(model.visual) == {QuickGELU}
+    assert open_clip_kwargs(ClipRef("ViT-L-14", "laion2b_s32b_b82k"))["force_quick_gelu"] is False
+
+
+def test_vit_l_14_info_needs_no_download() -> None:
+    info = clip_info(ClipRef())
+    assert info.embed_dim == 768
+    assert info.preprocess == PreprocessSpec(size=224, interpolation="bicubic")
+
+
+def test_download_goes_through_open_clip_and_saves_a_local_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = []
+    source = make_tiny_model_dir(tmp_path / "src")
+    tiny_model = open_clip.create_model(f"local-dir:{clip_dir(source)}")
+
+    def fake_create_model(**kwargs):
+        calls.append(kwargs)
+        return tiny_model
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    ref = ClipRef(cache_dir=str(tmp_path / "cache"), offline=False)
+    folder = clip_dir(ref)
+    assert folder == tmp_path / "cache" / "clip" / "ViT-L-14-openai"
+    assert calls[0]["force_quick_gelu"] is True and calls[0]["require_pretrained"] is True
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["quick_gelu"] is True
+    assert (folder / "open_clip_model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == ["ViT-L-14-openai"]  # no temp leftovers
+
+
+def test_offline_error_says_where_it_looked_and_how_to_prepare(tmp_path: Path) -> None:
+    ref = ClipRef(model_dir=str(tmp_path / "models"))
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_clip(ref)
+    text = str(err.value)
+    assert "CLIP model ViT-L-14/openai not found" in text
+    assert str(tmp_path / "models" / "clip" / "ViT-L-14-openai") in text
+    assert "HF_HUB_OFFLINE" in text
+    assert "imgcurator models download --model-dir DIR" in text and "--model-dir DIR" in text
+
+
+def test_failed_download_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken(**kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setattr(open_clip, "create_model", broken)
+    with pytest.raises(WeightsNotFoundError, match="Download failed: RuntimeError"):
+        clip_dir(ClipRef(cache_dir=str(tmp_path), offline=False))
+
+
+def test_bf16_on_cpu_matches_fp32(tiny: ClipRef) -> None:
+    x = _pixels(8)
+    fp32 = tiny.load(precision="fp32").encode(x)
+    bf16 = tiny.load(precision="bf16")
+    out = bf16.encode(x)
+    assert out.dtype == torch.float32
+    assert next(bf16._forward.parameters()).dtype == torch.bfloat16
+    assert (fp32 * out).sum(dim=1).min() >= 0.99
+
+
+def test_precision_errors(tiny: ClipRef) -> None:
+    with pytest.raises(ValueError, match="needs a GPU"):
+        tiny.load(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tiny.load(precision="int8")
+
+
+def test_encode_checks_input_shape(tiny: ClipRef) -> None:
+    model = tiny.load()
+    with pytest.raises(ValueError, match=r"expects pixels of shape \(N, 3, 32, 32\)"):
+        model.encode(torch.zeros(2, 3, 64, 64))
+    assert model.encode(torch.zeros(0, 3, 32, 32)).shape == (0, 32)
+
+
+def _register_tiny_architecture(monkeypatch: pytest.MonkeyPatch, tiny: ClipRef) -> str:
+    cfg = json.loads((clip_dir(tiny) / "open_clip_config.json").read_text())["model_cfg"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "imgcurator-tiny-arch", cfg)
+    return "imgcurator-tiny-arch"
+
+
+def test_checkpoint_file_loads(monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path) -> None:
+    name = _register_tiny_architecture(monkeypatch, tiny)
+    folder = clip_dir(tiny)
+    state = open_clip.create_model(f"local-dir:{folder}").state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
+    ref = ClipRef.parse(str(tmp_path / "ckpt.pt"), name=name)
+    x = _pixels()
+    torch.testing.assert_close(ref.load().encode(x), tiny.load().encode(x))
+
+
+def test_malicious_checkpoint_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path
+) -> None:
+    name = _register_tiny_architecture(monkeypatch, tiny)
+    marker = tmp_path / "pwned"
+    torch.save({"visual.proj": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeWeightsError, match="refusing to load"):
+        ClipRef.parse(str(tmp_path / "evil.pt"), name=name).load()
+    assert not marker.exists()

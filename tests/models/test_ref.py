@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from dask_imgcurator.models import ClipRef
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "pretrained", "kind", "slug"),
+    [
+        ("ViT-L-14/openai", "ViT-L-14", "openai", "tag", "ViT-L-14-openai"),
+        ("ViT-B-32", "ViT-B-32", "openai", "tag", "ViT-B-32-openai"),
+        ("hf-hub:org/repo", "hf-hub:org/repo", None, "hf-hub", "hf-hub-org--repo"),
+        ("local-dir:/m/clip/x", "local-dir:/m/clip/x", None, "local-dir", "x"),
+        ("/m/clip/x", "local-dir:/m/clip/x", None, "local-dir", "x"),
+        ("/ckpt/my.pt", "ViT-L-14", "/ckpt/my.pt", "file", "ViT-L-14-my"),
+        ("ViT-B-16//ckpt/my.safetensors", "ViT-B-16", "/ckpt/my.safetensors", "file", "ViT-B-16-my"),
+    ],
+)
+def test_parse_forms(text: str, name: str, pretrained: str | None, kind: str, slug: str) -> None:
+    ref = ClipRef.parse(text, model_dir="/models")
+    assert (ref.name, ref.pretrained, ref.kind, ref.slug, ref.model_dir) == (
+        name,
+        pretrained,
+        kind,
+        slug,
+        "/models",
+    )
+    assert ClipRef.parse(str(ref), model_dir="/models") == ref
+
+
+def test_default_is_vit_l_14_openai_and_picklable() -> None:
+    ref = ClipRef()
+    assert str(ref) == "ViT-L-14/openai"
+    assert pickle.loads(pickle.dumps(ref)) == ref
+    assert len(pickle.dumps(ref)) < 500
+
+
+def test_checkpoint_path_takes_architecture_from_kw() -> None:
+    assert ClipRef.parse("./w/ckpt.bin", name="ViT-B-32") == ClipRef("ViT-B-32", "./w/ckpt.bin")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ClipRef.parse("imgcurator-nope"), "give a pretrained tag"),
+        (lambda: ClipRef("ViT-L-14", None), "no weights given"),
+        (lambda: ClipRef("hf-hub:org/repo", "openai"), "pretrained must be None"),
+        (lambda: ClipRef("ViT-L-14/openai"), "use ClipRef.parse"),
+    ],
+)
+def test_invalid_refs(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
