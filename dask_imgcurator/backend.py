@@ -1,6 +1,7 @@
 """Dataframe backend dispatch (pandas on CPU, cuDF on GPU) and device discovery without CUDA init."""
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -11,11 +12,31 @@ from dask.utils import Dispatch
 to_arrow = Dispatch("to_arrow")
 #: Partition → pandas DataFrame (for code that must see host data, e.g. byte offsets).
 to_pandas = Dispatch("to_pandas")
+#: ``from_pandas_like(like, pdf)``: pandas result → the backend of the input partition ``like``.
+from_pandas_like = Dispatch("from_pandas_like")
 
 
 @to_arrow.register(pd.DataFrame)
 def _pandas_to_arrow(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df, preserve_index=False)
+    return _readable_list_metadata(pa.Table.from_pandas(df, preserve_index=False))
+
+
+def _readable_list_metadata(table: pa.Table) -> pa.Table:
+    """Record Arrow list columns as ``object`` in the pandas metadata.
+
+    pandas cannot rebuild ``fixed_size_list<...>[D][pyarrow]`` from its own metadata string, so
+    a plain ``pd.read_parquet`` of the file would fail; with ``object`` it reads the embeddings
+    as arrays per row (``dtype_backend="pyarrow"`` still gives the Arrow column).
+    """
+    raw = (table.schema.metadata or {}).get(b"pandas")
+    if raw is None:
+        return table
+    meta = json.loads(raw)
+    for column in meta.get("columns", []):
+        numpy_type = str(column.get("numpy_type", ""))
+        if "list<" in numpy_type:
+            column["numpy_type"] = "object"
+    return table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(meta).encode()})
 
 
 @to_pandas.register(pd.DataFrame)
@@ -23,8 +44,14 @@ def _pandas_to_pandas(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+@from_pandas_like.register(pd.DataFrame)
+def _pandas_like(like: pd.DataFrame, pdf: pd.DataFrame) -> pd.DataFrame:
+    return pdf
+
+
 @to_arrow.register_lazy("cudf")
 @to_pandas.register_lazy("cudf")
+@from_pandas_like.register_lazy("cudf")
 def _register_cudf():
     import cudf
 
@@ -35,6 +62,10 @@ def _register_cudf():
     @to_pandas.register(cudf.DataFrame)
     def _cudf_to_pandas(df):
         return df.to_pandas()
+
+    @from_pandas_like.register(cudf.DataFrame)
+    def _cudf_like(like, pdf):
+        return cudf.from_pandas(pdf)
 
 
 def gpu_count() -> int:

@@ -32,6 +32,7 @@ from dask.base import tokenize
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.backend import to_arrow
+from dask_imgcurator.io.parquet import arrow_types_mapper
 from dask_imgcurator.io.shards import (
     Member,
     ShardError,
@@ -355,7 +356,7 @@ def _write_shard(
 ) -> dict:
     """Write one output shard (tar + parquet + idx) from row slices of staged parts."""
     rows = pa.concat_tables([_read_slice(p, a, b, only_kept) for p, a, b in slices]).to_pandas(
-        types_mapper=_types_mapper
+        types_mapper=arrow_types_mapper
     )
     fs, root = url_to_fs(root_url)
     base = posixpath.join(root, name)
@@ -366,7 +367,7 @@ def _write_shard(
     out = _relocate(rows, layout, _url(fs, f"{base}.tar"), key_prefix is not None)
 
     table = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(out, preserve_index=False), table)
+    pq.write_table(to_arrow(out), table)
     idx = io.StringIO()
     write_dali_index([members for _, members in layout], idx)
     record = {
@@ -401,14 +402,6 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
-
-
-def _types_mapper(arrow_type: pa.DataType):
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return pd.StringDtype("pyarrow")
-    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type):
-        return pd.ArrowDtype(arrow_type)
-    return None
 
 
 def _read_slice(part: str, start: int, stop: int, only_kept: bool) -> pa.Table:

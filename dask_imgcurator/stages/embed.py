@@ -1,0 +1,219 @@
+"""The embed stage: decode each sample's image once, embed it with CLIP, run the heads in the same pass."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
+from dask_imgcurator.decode import DecodedBatch, make_decoder
+from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
+from dask_imgcurator.io.shards import read_ranges
+from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
+from dask_imgcurator.models.cache import get_cached
+from dask_imgcurator.schema import embedding_dtype
+
+__all__ = ["embed", "embed_partition", "EmbedConfig", "score_columns"]
+
+#: Default images per model batch when ``batch_size`` is not given.
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
+
+
+def score_columns(heads: Sequence[str]) -> dict[str, Any]:
+    """Columns added by running ``heads``: ``<head>_score`` as float32 (NaN where no score)."""
+    return {f"{h}_score": np.dtype("float32") for h in heads}
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything a worker needs to embed a partition; configuration only (no weights)."""
+
+    model: ModelSource
+    heads: tuple[HeadSpec, ...] = ()
+    batch_size: int | None = None
+    precision: str = "fp32"
+    decoder: str = "auto"
+    device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def columns(self, embed_dim: int) -> dict[str, Any]:
+        """The columns this stage adds, with their dtypes (the stage's declared meta)."""
+        return {
+            "embedding": embedding_dtype(embed_dim),
+            "width": pd.Int32Dtype(),
+            "height": pd.Int32Dtype(),
+            **score_columns([h.name for h in self.heads]),
+        }
+
+
+def embed(
+    ddf: dd.DataFrame,
+    model: Any = "ViT-L-14/openai",
+    *,
+    heads: Sequence[str | HeadSpec] = ("aesthetic", "nsfw"),
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    decoder: str = "auto",
+    device: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    model_dir: str | None = None,
+    cache_dir: str | None = None,
+    offline: bool | None = None,
+) -> dd.DataFrame:
+    """Add CLIP image embeddings, image size and head scores to every row (lazy).
+
+    Each image is read from its shard by offset and decoded once on the worker; the heads run
+    on the same embeddings in the same pass. Rows that already have an ``error`` are passed
+    through; an image that cannot be decoded gets an ``error`` and null embedding/NaN scores.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+        Output of :func:`read_webdataset` (needs ``shard``, ``image_offset``, ``image_nbytes``,
+        ``error``).
+    model : str, ClipRef or custom model
+        ``"ViT-L-14/openai"``-style text, a :class:`~dask_imgcurator.models.ClipRef`, or a
+        :func:`~dask_imgcurator.models.custom_model` (any torch module or callable plus its
+        preprocessing). Weights load once per worker, never travel in the task graph.
+    heads : sequence of str
+        Registered heads to run on the embeddings (``"aesthetic"``, ``"nsfw"``, or your own).
+    batch_size : int, optional
+        Images per model batch; default 32 on CPU, 256 on GPU.
+    precision : {"fp32", "bf16", "fp16"}
+        bf16 casts weights on CPU and autocasts on GPU; fp16 is GPU only.
+    decoder : {"auto", "dali", "pillow"}
+        "auto" uses DALI when installed (``mixed`` decode on a GPU), else Pillow.
+    device : {"auto", "cpu", "cuda"}
+        "auto" picks the worker's GPU when it has one.
+    max_pixels : int
+        Decompression-bomb guard: larger images get an error row instead of being decoded.
+    model_dir, cache_dir, offline :
+        Where weights are looked up (see :mod:`dask_imgcurator.models.store`); used when
+        ``model`` is given as text.
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
+        ``ddf`` plus ``embedding`` (fixed-size list of float32, L2-normalised), ``width``,
+        ``height`` and one ``<head>_score`` float32 column per head.
+    """
+    source = as_model_source(model, model_dir=model_dir, cache_dir=cache_dir, offline=offline)
+    specs = tuple(head_spec(h) if isinstance(h, str) else h for h in heads)
+    config = EmbedConfig(source, specs, batch_size, precision, decoder, device, max_pixels)
+    info = source.info()
+    meta = ddf._meta.assign(**{name: pd.Series([], dtype=dtype) for name, dtype in config.columns(info.embed_dim).items()})
+    return ddf.map_partitions(embed_partition, config, meta=meta, align_dataframes=False)
+
+
+def embed_partition(df, config: EmbedConfig):
+    """Embed one partition (pandas, or cuDF converted through host memory); see :func:`embed`."""
+    frame = to_pandas(df)
+    device = worker_device() if config.device == "auto" else config.device
+    model = config.model.load(device, config.precision)
+    info = model.info
+    heads = {
+        spec.name: load_head(spec, info.embed_dim, config.model.head_family, device=device, **config.model.store_kwargs())
+        for spec in config.heads
+    }
+    spec = _with_max_pixels(model.preprocess, config.max_pixels)
+    decoder = _cached_decoder(spec, config.decoder, device)
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
+
+    n = len(frame)
+    todo = np.flatnonzero(frame["error"].isna().to_numpy() & frame["image_offset"].notna().to_numpy())
+    embeddings = np.zeros((n, info.embed_dim), dtype=np.float32)
+    scores = {h: np.full(n, np.nan, dtype=np.float32) for h in heads}
+    width = np.full(n, -1, dtype=np.int64)
+    height = np.full(n, -1, dtype=np.int64)
+    errors = frame["error"].astype(object).where(frame["error"].notna(), None).tolist()
+    has_embedding = np.zeros(n, dtype=bool)
+
+    for rows, batch in _decoded_batches(frame, todo, decoder, batch_size):
+        width[rows], height[rows] = batch.width, batch.height
+        ok_rows = rows[batch.ok]
+        for row, err in zip(rows, batch.errors):
+            if err is not None:
+                errors[row] = err
+        if len(ok_rows) == 0:
+            continue
+        features = model.encode(batch.pixels)
+        embeddings[ok_rows] = features.cpu().numpy()
+        has_embedding[ok_rows] = True
+        with torch.inference_mode():
+            for name, head in heads.items():
+                scores[name][ok_rows] = head(features).float().cpu().numpy()
+
+    out = frame.copy()
+    out["embedding"] = _embedding_column(embeddings, has_embedding, out.index)
+    out["width"] = pd.array(np.where(width >= 0, width, 0), dtype=pd.Int32Dtype())
+    out["height"] = pd.array(np.where(height >= 0, height, 0), dtype=pd.Int32Dtype())
+    out.loc[width < 0, "width"] = pd.NA
+    out.loc[height < 0, "height"] = pd.NA
+    for name, values in scores.items():
+        out[f"{name}_score"] = values
+    out["error"] = pd.array(errors, dtype=frame["error"].dtype)
+    return from_pandas_like(df, out)
+
+
+def _decoded_batches(
+    frame: pd.DataFrame, todo: np.ndarray, decoder, batch_size: int
+) -> Iterator[tuple[np.ndarray, DecodedBatch]]:
+    """Read and decode batches in a background thread, one batch ahead of the model."""
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    if not batches:
+        return
+
+    def load(rows: np.ndarray) -> DecodedBatch:
+        return decoder.decode(_read_images(frame, rows))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcurator-decode") as pool:
+        pending = pool.submit(load, batches[0])
+        for i, rows in enumerate(batches):
+            batch = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(load, batches[i + 1])
+            yield rows, batch
+
+
+def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
+    """Image bytes of ``rows``, read with one open per shard, offsets ascending."""
+    shards = frame["shard"].to_numpy()[rows]
+    offsets = frame["image_offset"].to_numpy()[rows]
+    sizes = frame["image_nbytes"].to_numpy()[rows]
+    out: list[bytes] = [b""] * len(rows)
+    for shard in dict.fromkeys(shards):
+        where = np.flatnonzero(shards == shard)
+        data = read_ranges(shard, [(int(offsets[i]), int(sizes[i])) for i in where])
+        for i, blob in zip(where, data):
+            out[i] = blob
+    return out
+
+
+_DECODER_LOCK = threading.Lock()
+
+
+def _cached_decoder(spec, backend: str, device: str):
+    """One decoder per worker thread-safe slot (DALI pipelines are expensive to build)."""
+    dali_device = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    key = ("decoder", spec, backend, dali_device, threading.get_ident())
+    return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device))
+
+
+def _with_max_pixels(spec, max_pixels: int):
+    from dataclasses import replace
+
+    return replace(spec, max_pixels=max_pixels)
+
+
+def _embedding_column(matrix: np.ndarray, valid: np.ndarray, index: pd.Index) -> pd.Series:
+    n, dim = matrix.shape
+    values = pa.array(matrix.reshape(-1))
+    arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+    return pd.Series(pd.arrays.ArrowExtensionArray(arr), index=index)
