@@ -9,6 +9,7 @@ from collections import Counter
 
 import dask
 
+from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.reader import read_webdataset
 from dask_imgcurator.io.shards import ShardError, expand_shards, group_samples, scan_members, write_dali_index
 from dask_imgcurator.io.writer import OutputExistsError
@@ -47,9 +48,9 @@ def _late_user_errors() -> tuple[type[BaseException], ...]:
     """User-facing exceptions of modules that are heavy to import up front."""
     errors: list[type[BaseException]] = []
     with contextlib.suppress(ImportError):
-        from dask_imgcurator.models.store import WeightsNotFoundError
+        from dask_imgcurator.models.store import UnsafeWeightsError, WeightsNotFoundError
 
-        errors.append(WeightsNotFoundError)
+        errors += [WeightsNotFoundError, UnsafeWeightsError]
     return tuple(errors)
 
 
@@ -75,6 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scheduler(p)
     p.set_defaults(run=cmd_reshard)
 
+    p = sub.add_parser("curate", help="embed, score, filter and write curated shards + Parquet metadata")
+    _add_shards(p)
+    _add_curate_options(p)
+    p.set_defaults(run=cmd_curate)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on generated shards with a tiny random model")
+    p.add_argument("--out", default="imgcurator-demo", help="directory for the demo (default: ./imgcurator-demo)")
+    p.add_argument("--shards", type=int, default=4, help="number of demo shards (default 4)")
+    p.add_argument("--samples", type=int, default=32, help="samples per demo shard (default 32)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("models", help="list available models, or download them into a model dir")
+    models_sub = p.add_subparsers(metavar="ACTION")
+    q = models_sub.add_parser("list", help="show known CLIP models and heads and where they are present")
+    q.add_argument("--model-dir", help="model directory to look in (besides the cache)")
+    q.set_defaults(run=cmd_models_list)
+    q = models_sub.add_parser("download", help="download a CLIP model and its heads into a model dir")
+    q.add_argument("--model-dir", required=True, help="directory to fill; copy it to offline machines")
+    q.add_argument("--model", default="ViT-L-14/openai", help="CLIP model (default ViT-L-14/openai)")
+    q.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated heads (default aesthetic,nsfw)")
+    q.set_defaults(run=cmd_models_download)
+
     p = sub.add_parser("index", help="write DALI index files (.idx) next to input shards")
     _add_shards(p)
     p.add_argument("--out", help="directory for the .idx files (default: beside each shard)")
@@ -88,6 +113,27 @@ def _add_shards(p: argparse.ArgumentParser) -> None:
         "shards", nargs="+", metavar="SHARDS",
         help="tar files, directories, globs, brace ranges (data/{00000..00099}.tar) or fsspec URLs",
     )
+
+
+def _add_curate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory or fsspec URL")
+    p.add_argument(
+        "--filter", action="append", metavar="EXPR",
+        help='keep rows matching EXPR, e.g. "aesthetic_score >= 5 and nsfw_score < 0.5" (repeat to AND)',
+    )
+    p.add_argument("--model", default="ViT-L-14/openai", help="CLIP model: NAME/TAG, hf-hub:ORG/REPO, a dir or checkpoint")
+    p.add_argument("--model-dir", help="prepared model directory (see `imgcurator models download`)")
+    p.add_argument("--offline", action="store_true", help="never download weights")
+    p.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated score heads (default aesthetic,nsfw)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per model batch (default 32 CPU, 256 GPU)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--decoder", choices=("auto", "dali", "pillow"), default="auto")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (bomb guard)")
+    p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
+    p.add_argument("--workers", type=int, help="local worker processes (default: one per two cores)")
+    _add_scheduler(p)
 
 
 def _add_scheduler(p: argparse.ArgumentParser) -> None:
@@ -105,6 +151,109 @@ def _maybe_client(address: str | None):
     with Client(address) as client:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+@contextlib.contextmanager
+def _curation_client(address: str | None, workers: int | None):
+    """The client for model work: the given scheduler, or a new local cluster of processes."""
+    from distributed import Client
+
+    from dask_imgcurator.cluster import TorchThreads, local_cluster, torch_threads_for
+
+    if address:
+        with Client(address) as client:
+            print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+            yield client
+        return
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        client.register_plugin(TorchThreads(torch_threads_for(len(cluster.workers))))
+        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        yield client
+
+
+# ----------------------------------------------------------------------------- curate
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from dask_imgcurator.models import ClipRef
+
+    source = ClipRef.parse(args.model, model_dir=args.model_dir, offline=True if args.offline else None)
+    return _curate(args, source)
+
+
+def _curate(args: argparse.Namespace, source) -> int:
+    from dask_imgcurator.stages.embed import embed
+    from dask_imgcurator.stages.filters import drop_reason, parse_filter
+
+    filt = parse_filter(" and ".join(f"({f})" for f in args.filter)) if args.filter else None
+    ddf = read_webdataset(args.shards)
+    ddf = embed(
+        ddf, source, heads=[h.strip() for h in args.heads.split(",") if h.strip()], batch_size=args.batch_size,
+        precision=args.precision, decoder=args.decoder, max_pixels=args.max_pixels,
+    )
+    if filt is not None:
+        filt.validate(ddf._meta)
+        ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
+    else:
+        ddf = mark_kept(ddf)
+    with _curation_client(args.scheduler, args.workers):
+        summary = write_curated(
+            ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
+            overwrite=args.overwrite, progress=True,
+        )
+    return _report(summary, args.out)
+
+
+# ----------------------------------------------------------------------------- demo
+
+#: Thresholds that split the demo data; the tiny model's scores are random but deterministic.
+DEMO_FILTER = "aesthetic_score >= 5.078 and nsfw_score < 0.5102"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dask_imgcurator.demo_data import make_demo_shards
+    from dask_imgcurator.models import make_tiny_model_dir
+
+    root = args.out.rstrip("/")
+    print(f"generating {args.shards} demo shards of {args.samples} photo-like images in {root}/input"
+          " (plus two broken samples, to show how failures are reported) ...")
+    make_demo_shards(f"{root}/input", n_shards=args.shards, samples_per_shard=args.samples, broken=True)
+    ref = make_tiny_model_dir(f"{root}/models")
+    print(f"tiny random-weight CLIP model and heads written to {root}/models (loaded like real weights)")
+    print("NOTE: demo scores come from RANDOM weights and mean nothing; for real scores run\n"
+          "      imgcurator curate SHARDS --out DIR --model ViT-L-14/openai")
+    curate_args = argparse.Namespace(
+        shards=[f"{root}/input"], out=f"{root}/curated", filter=[DEMO_FILTER], heads="aesthetic,nsfw",
+        samples_per_shard=max(1, args.shards * args.samples // 3), batch_size=None, precision="fp32",
+        decoder="auto", max_pixels=DEFAULT_MAX_PIXELS, rekey=False, overwrite=args.overwrite,
+        scheduler=None, workers=args.workers,
+    )
+    print(f"curating with filter: {DEMO_FILTER}")
+    return _curate(curate_args, ref)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from dask_imgcurator.models import list_models
+
+    rows = list_models(model_dir=args.model_dir)
+    print(f"{'kind':6s} {'name':44s} {'dim':>5s}  location / source")
+    for row in rows:
+        where = row.location or f"(not present; downloads from {row.source})"
+        print(f"{row.kind:6s} {row.name:44s} {row.embed_dim or '':>5}  {where}")
+    return 0
+
+
+def cmd_models_download(args: argparse.Namespace) -> int:
+    from dask_imgcurator.models import download_models
+
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    for path in download_models(args.model_dir, args.model, heads):
+        print(f"ready: {path}")
+    print(f"use it with: imgcurator curate SHARDS --out DIR --model {args.model} --model-dir {args.model_dir} --offline")
+    return 0
 
 
 # ----------------------------------------------------------------------------- inspect

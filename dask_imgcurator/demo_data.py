@@ -36,6 +36,7 @@ def make_demo_shards(
     seed: int = 0,
     min_side: int = 64,
     max_side: int = 320,
+    broken: bool = False,
 ) -> list[str]:
     """Write ``n_shards`` WebDataset tars of photo-like JPEG/PNG images with captions and JSON.
 
@@ -49,6 +50,9 @@ def make_demo_shards(
         Same seed, same bytes.
     min_side, max_side : int
         Range of the images' longer side in pixels.
+    broken : bool
+        Also put two bad samples at the end of the first shard, as real data has them: a
+        truncated JPEG (``.bad.jpg`` key suffix ``b``) and a sample with text but no image.
 
     Returns
     -------
@@ -78,13 +82,20 @@ def make_demo_shards(
                 ext = "png" if i % 7 == 3 else "jpg"
                 image.save(buf, "PNG" if ext == "png" else "JPEG", quality=int(rng.integers(85, 96)))
                 meta = {"key": key, "width": w, "height": h, "source": "dask_imgcurator demo"}
-                for name, data in (
-                    (f"{key}.{ext}", buf.getvalue()),
-                    (f"{key}.txt", f"synthetic picture {key}".encode()),
-                    (f"{key}.json", json.dumps(meta).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
+                _add(tar, f"{key}.{ext}", buf.getvalue())
+                _add(tar, f"{key}.txt", f"synthetic picture {key}".encode())
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+            if broken and s == 0:
+                truncated = io.BytesIO()
+                synthetic_image(rng, 200, 150).save(truncated, "JPEG")
+                _add(tar, f"{s:05d}b001.jpg", truncated.getvalue()[:600])
+                _add(tar, f"{s:05d}b001.txt", b"this JPEG was cut short")
+                _add(tar, f"{s:05d}b002.txt", b"a caption whose image went missing")
         paths.append(path if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path))
     return paths
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))

@@ -1,9 +1,13 @@
 """Parquet metadata written by this package (or by ``to_parquet`` on its frames), read back lazily."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import dask.dataframe as dd
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 __all__ = ["read_parquet", "arrow_types_mapper"]
 
@@ -14,21 +18,28 @@ def arrow_types_mapper(arrow_type: pa.DataType):
         return pd.StringDtype("pyarrow")
     if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return pd.ArrowDtype(arrow_type)
+    if pa.types.is_integer(arrow_type):
+        return pd.api.types.pandas_dtype(str(arrow_type).capitalize().replace("Uint", "UInt"))
     return None
 
 
-def read_parquet(path: str, **kwargs) -> dd.DataFrame:
-    """Read curation metadata (e.g. ``OUT/metadata`` or a shard's ``NNNNN.parquet``) as a dask DataFrame.
+def read_parquet(path: str | Sequence[str], columns: Sequence[str] | None = None) -> dd.DataFrame:
+    """Read curation metadata (``OUT/metadata``, shard ``NNNNN.parquet`` files, or ``to_parquet`` output).
 
-    Unlike a plain ``dd.read_parquet``, embeddings come back as one Arrow fixed-size-list column
-    (pandas cannot rebuild that dtype from its own Parquet metadata).
+    One partition per file. Embeddings come back as one Arrow fixed-size-list column; pandas
+    cannot rebuild that dtype from the metadata dask's ``to_parquet`` stores, so a plain
+    ``dd.read_parquet`` of such files fails, while this reads the Arrow schema instead.
 
     Parameters
     ----------
-    path : str
-        File, directory or glob; local or fsspec URL.
-    **kwargs
-        Passed to :func:`dask.dataframe.read_parquet`.
+    path : str or sequence of str
+        A file, a directory (its ``*.parquet`` files, sorted), a glob, or a list; local or fsspec URLs.
+    columns : sequence of str, optional
+        Read only these columns.
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
 
     Examples
     --------
@@ -37,5 +48,40 @@ def read_parquet(path: str, **kwargs) -> dd.DataFrame:
     >>> ic.read_parquet("memory://doc.parquet").compute()["key"].tolist()
     ['a']
     """
-    options = {"ignore_metadata": True, "types_mapper": arrow_types_mapper, **kwargs.pop("arrow_to_pandas", {})}
-    return dd.read_parquet(path, arrow_to_pandas=options, **kwargs)
+    files = _parquet_files(path)
+    fs, first = url_to_fs(files[0])
+    with fs.open(first, "rb") as f:
+        schema = pq.read_schema(f)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    meta = _to_pandas(schema.empty_table())
+    return dd.from_map(_read_file, files, columns=None if columns is None else list(columns), meta=meta,
+                       label="read-parquet", enforce_metadata=False)
+
+
+def _parquet_files(path: str | Sequence[str]) -> list[str]:
+    paths = [path] if isinstance(path, str) else list(path)
+    files: list[str] = []
+    for p in paths:
+        fs, local = url_to_fs(p)
+        if any(c in local for c in "*?["):
+            found = sorted(fs.glob(local))
+        elif fs.isdir(local):
+            found = sorted(f for f in fs.find(local) if f.endswith(".parquet"))
+        else:
+            found = [local] if fs.exists(local) else []
+        if not found:
+            raise FileNotFoundError(f"no Parquet files at {p}")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        files += found if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in found]
+    return files
+
+
+def _read_file(url: str, columns: list[str] | None) -> pd.DataFrame:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return _to_pandas(pq.read_table(f, columns=columns))
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas(ignore_metadata=True, types_mapper=arrow_types_mapper)

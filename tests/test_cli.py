@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+
+import dask_imgcurator as ic
+from dask_imgcurator.cli import DEMO_FILTER, main
+from dask_imgcurator.models import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def demo_input(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ic.make_demo_shards(str(root / "in"), n_shards=3, samples_per_shard=6, broken=True)
+    ref = make_tiny_model_dir(root / "models")
+    return root, ref
+
+
+def test_inspect_prints_counts(demo_input, capsys):
+    root, _ = demo_input
+    assert main(["inspect", str(root / "in")]) == 0
+    out = capsys.readouterr().out
+    assert "3 shards, 20 samples, 1 with errors" in out
+    assert "no image member" in out
+    assert main(["inspect", str(root / "in"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["samples"] for r in rows] == [8, 6, 6]
+
+
+def test_reshard_writes_all_readable_samples_and_accounts_for_the_rest(demo_input, tmp_path, capsys):
+    root, _ = demo_input
+    assert main(["reshard", str(root / "in"), "--out", str(tmp_path / "out"), "--samples-per-shard", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "samples in: 20 = kept 19 + filtered 0 + failed 1" in out
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "shards" / "{00000..00002}.tar"), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 19
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["balanced"] and summary["failed"] == {"no image": 1}
+
+
+def test_index_writes_dali_index_files(demo_input, tmp_path, capsys):
+    root, _ = demo_input
+    assert main(["index", str(root / "in"), "--out", str(tmp_path / "idx")]) == 0
+    first = (tmp_path / "idx" / "demo-00000.idx").read_text().splitlines()
+    assert first[0] == "v1.2 8" and first[1].startswith("jpg ") and len(first) == 9
+
+
+def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
+    root, ref = demo_input
+    out = tmp_path / "cur"
+    argv = ["curate", str(root / "in"), "--out", str(out), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--offline", "--filter", DEMO_FILTER, "--samples-per-shard", "5",
+            "--workers", "1", "--decoder", "pillow"]
+    assert main(argv) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    meta = ic.read_parquet(str(out / "metadata")).compute()
+    assert len(meta) == 20 and meta["key"].is_unique
+    failed = meta[meta["error"].notna()]
+    assert set(failed["key"]) == {"00000b001", "00000b002"}
+    ok = meta[meta["error"].isna()]
+    expected_kept = (ok["aesthetic_score"] >= 5.078) & (ok["nsfw_score"] < 0.5102)
+    assert (ok["kept"] == expected_kept).all()
+    assert meta.loc[meta["error"].notna(), "kept"].eq(False).all()
+    dropped = ok[~ok["kept"]]
+    assert set(dropped["drop_reason"]) <= {"aesthetic_score >= 5.078", "nsfw_score < 0.5102"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_in"] == 20 and summary["balanced"]
+    assert summary["kept"] == int(expected_kept.sum())
+    assert sum(summary["filtered"].values()) == int((~expected_kept).sum())
+    assert f"samples in: 20 = kept {summary['kept']}" in text
+    shard_files = sorted((out / "shards").glob("*.tar"))
+    written = [s["__key__"] for s in wds.WebDataset([str(p) for p in shard_files], shardshuffle=False)]
+    assert written == ok.loc[ok["kept"], "key"].tolist()
+    shard_meta = pd.concat([pd.read_parquet(p.with_suffix(".parquet")) for p in shard_files])
+    assert shard_meta["key"].tolist() == written
+    emb = np.stack(shard_meta["embedding"].to_numpy())
+    assert emb.shape == (len(written), 32)
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["inspect", "/no/such/shards-*.tar"], "error: pattern '/no/such/shards-*.tar' matched no files"),
+        (["curate", "IN", "--out", "OUT", "--filter", "aesthetic_score >> 5"], "invalid filter"),
+        (["curate", "IN", "--out", "OUT", "--filter", "__import__('os').system('x')"], "invalid filter"),
+        (["curate", "IN", "--out", "OUT", "--filter", "aesthetic > 5"], "unknown column 'aesthetic'"),
+    ],
+)
+def test_user_errors_are_one_clear_line(demo_input, tmp_path, capsys, argv, phrase):
+    root, ref = demo_input
+    argv = [str(root / "in") if a == "IN" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    if argv[0] == "curate":
+        argv += ["--model", f"{ref.name}/{ref.pretrained}", "--model-dir", ref.model_dir, "--offline"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err
+
+
+def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
+    root, _ = demo_input
+    monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", "ViT-B-32/openai",
+            "--model-dir", str(tmp_path / "empty"), "--offline", "--workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "imgcurator models download --model-dir" in err and "Traceback" not in err
+
+
+def test_demo_runs_offline_and_says_scores_are_random(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--shards", "2", "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out
+    summary = json.loads((tmp_path / "demo" / "curated" / "summary.json").read_text())
+    assert summary["samples_in"] == 18 and summary["balanced"]
+    assert summary["failed"] == {"decode or model error": 1, "no image": 1} or sum(summary["failed"].values()) == 2
+
+
+def test_models_list_shows_the_tiny_model(demo_input, capsys):
+    root, ref = demo_input
+    assert main(["models", "list", "--model-dir", ref.model_dir]) == 0
+    out = capsys.readouterr().out
+    assert ref.head_family in out and "ViT-L-14" in out
