@@ -37,6 +37,19 @@ class PreprocessSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+class DecodeError(ValueError):
+    """One image cannot be decoded (empty, unrecognised, too large, corrupt).
+
+    ``width``/``height`` carry the size read from the header when it is known (-1 otherwise),
+    so that a refused image can still report how big it claimed to be.
+    """
+
+    def __init__(self, message: str, *, width: int = -1, height: int = -1):
+        super().__init__(message)
+        self.width = width
+        self.height = height
+
+
 @dataclass
 class DecodedBatch:
     """Result of decoding one batch of encoded images.

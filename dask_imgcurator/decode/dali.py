@@ -1,0 +1,249 @@
+"""NVIDIA DALI decoder (CPU or GPU "mixed"), with Pillow handling what DALI would get wrong."""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpec
+from dask_imgcurator.decode.pillow import PillowDecoder
+from dask_imgcurator.decode.preprocess import crop_box
+from dask_imgcurator.decode.probe import ImageInfo, probe_image
+
+__all__ = ["DaliDecoder", "dali_available"]
+
+# What goes to DALI: plain 8-bit RGB/gray stills in formats it decodes like Pillow. Everything
+# else (alpha, palettes, CMYK, 16-bit, animations, GIF, ...) needs Pillow's conversions.
+_DALI_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+_DALI_MODES = frozenset({"RGB", "L"})
+
+
+@functools.lru_cache(maxsize=None)
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports (installed, and its native libraries load)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+class DaliDecoder:
+    """Decode with a DALI pipeline: decoders.image → resize → crop_mirror_normalize.
+
+    Every image is first probed from its header: empty, unrecognised and over-limit images
+    get errors without reaching DALI, and images that DALI cannot convert like
+    :class:`PillowDecoder` does are decoded by one, as are images DALI fails on (their error,
+    if Pillow fails too, names both). Results come back in input order.
+
+    The resize covers only the region the center crop keeps (see :func:`crop_box`), which
+    reproduces torchvision's Resize + CenterCrop geometry exactly. EXIF orientation is not
+    applied, as in open_clip and :class:`PillowDecoder`.
+
+    The pipeline is built on first use and reused; one instance must not be used by two
+    threads at the same time.
+
+    Parameters
+    ----------
+    spec : PreprocessSpec
+        Output size, normalisation, interpolation and pixel limit.
+    device : {"cpu", "gpu"}
+        "gpu" decodes with the "mixed" backend (nvJPEG) and returns CUDA tensors.
+    device_id : int, optional
+        CUDA device for ``device="gpu"`` (default 0); ignored on CPU.
+    num_threads : int
+        DALI CPU worker threads.
+    batch_size : int
+        Largest batch one pipeline run takes; longer inputs are split.
+    """
+
+    def __init__(
+        self,
+        spec: PreprocessSpec,
+        device: str = "cpu",
+        device_id: int | None = None,
+        num_threads: int = 2,
+        batch_size: int = 64,
+    ):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
+        self.spec = spec
+        self.device = device
+        self.device_id = (device_id or 0) if device == "gpu" else None
+        self.num_threads = num_threads
+        self.batch_size = batch_size
+        self.name = "dali-mixed" if device == "gpu" else "dali-cpu"
+        self._pillow = PillowDecoder(spec, draft=False)  # also validates spec.interpolation
+        self._pipe: Any = None
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where :meth:`decode` puts its pixels."""
+        return torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
+
+    def decode(self, blobs: Sequence[bytes]) -> DecodedBatch:
+        """Decode and preprocess a batch.
+
+        Parameters
+        ----------
+        blobs : sequence of bytes
+            Encoded images, any number.
+
+        Returns
+        -------
+        DecodedBatch
+            Pixels on :attr:`torch_device`. A failed image gets an error string and no row.
+        """
+        n, size = len(blobs), self.spec.size
+        width = np.full(n, -1, dtype=np.int64)
+        height = np.full(n, -1, dtype=np.int64)
+        errors: list[str | None] = [None] * n
+        rows: list[torch.Tensor | None] = [None] * n
+        to_dali: list[tuple[int, ImageInfo]] = []
+        to_pillow: list[int] = []
+        for i, blob in enumerate(blobs):
+            try:
+                info = probe_image(blob, self.spec.max_pixels)
+            except DecodeError as exc:
+                errors[i], width[i], height[i] = str(exc), exc.width, exc.height
+                continue
+            width[i], height[i] = info.width, info.height
+            if _dali_handles(info):
+                to_dali.append((i, info))
+            else:
+                to_pillow.append(i)
+
+        dali_failures: dict[int, str] = {}
+        for start in range(0, len(to_dali), self.batch_size):
+            chunk = to_dali[start : start + self.batch_size]
+            results = self._run_chunk([blobs[i] for i, _ in chunk], [info for _, info in chunk])
+            for (i, _), result in zip(chunk, results):
+                if isinstance(result, str):
+                    dali_failures[i] = result
+                else:
+                    rows[i] = result
+        to_pillow = sorted(to_pillow + list(dali_failures))  # Pillow may still read what DALI refused
+
+        if to_pillow:
+            fallback = self._pillow.decode([blobs[i] for i in to_pillow])
+            fallback_rows = iter(fallback.pixels.to(self.torch_device))
+            for i, error in zip(to_pillow, fallback.errors):
+                if error is None:
+                    rows[i] = next(fallback_rows)
+                else:
+                    errors[i] = f"{error}; {dali_failures[i]}" if i in dali_failures else error
+
+        kept = [r for r, e in zip(rows, errors) if e is None]
+        pixels = (
+            torch.stack(kept)
+            if kept
+            else torch.empty((0, 3, size, size), dtype=torch.float32, device=self.torch_device)
+        )
+        return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+
+    def _run_chunk(self, blobs: list[bytes], infos: list[ImageInfo]) -> list[torch.Tensor | str]:
+        """Decode up to ``batch_size`` images; after a failure, retry one by one to find the culprit.
+
+        DALI reports a bad sample by failing the whole run and may leave the pipeline unusable,
+        so every failure is followed by a rebuild. A failed sample gets DALI's reason instead.
+        """
+        try:
+            return list(self._run(blobs, infos))
+        except RuntimeError as exc:
+            self._pipe = None
+            if len(blobs) == 1:
+                return [_dali_reason(exc)]
+        return [self._run_chunk([blob], [info])[0] for blob, info in zip(blobs, infos)]
+
+    def _run(self, blobs: list[bytes], infos: list[ImageInfo]) -> torch.Tensor:
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        boxes = [crop_box(info.width, info.height, self.spec.size) for info in infos]
+        # DALI's ROI is (y, x) ordered, like the tensor shape
+        pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+        pipe.feed_input("roi_start", [np.array([top, left], dtype=np.float32) for left, top, _, _ in boxes])
+        pipe.feed_input("roi_end", [np.array([bottom, right], dtype=np.float32) for _, _, right, bottom in boxes])
+        (out,) = pipe.run()
+        return self._to_torch(out)
+
+    def _to_torch(self, out: Any) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        size = self.spec.size
+        dense = out.as_tensor()
+        result = torch.empty((len(out), 3, size, size), dtype=torch.float32, device=self.torch_device)
+        stream = torch.cuda.current_stream(self.torch_device) if self.device == "gpu" else None
+        feed_ndarray(dense, result, cuda_stream=stream)
+        return result
+
+    def _build(self) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        spec = self.spec
+        gpu = self.device == "gpu"
+        interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
+
+        # prefetch_queue_depth=1: a run returns (or fails with) exactly the batch just fed.
+        # With the default depth of 2 errors surface one run late and outputs lag behind inputs.
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=1,
+        )
+        def graph():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+            roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+            decoder_args = {"jpeg_fancy_upsampling": True} if gpu else {}  # match libjpeg-turbo's upsampling
+            images = fn.decoders.image(
+                encoded,
+                device="mixed" if gpu else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,  # Pillow/open_clip ignore EXIF orientation too
+                **decoder_args,
+            )
+            images = fn.resize(
+                images,
+                size=[spec.size, spec.size],
+                roi_start=roi_start,
+                roi_end=roi_end,
+                interp_type=interp,
+                antialias=True,
+            )
+            return fn.crop_mirror_normalize(
+                images,
+                mean=[m * 255 for m in spec.mean],
+                std=[s * 255 for s in spec.std],
+                output_layout="CHW",
+                dtype=types.FLOAT,
+            )
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+
+def _dali_handles(info: ImageInfo) -> bool:
+    return (
+        info.format in _DALI_FORMATS
+        and info.mode in _DALI_MODES
+        and info.bit_depth == 8
+        and not info.has_alpha
+        and not info.is_animated
+    )
+
+
+def _dali_reason(exc: Exception) -> str:
+    """The useful part of DALI's multi-line "Critical error in pipeline" message."""
+    text = str(exc)
+    op = re.search(r"operator `nvidia\.dali\.fn\.([\w.]+)`", text)
+    detail = text.split("encountered:", 1)[-1]
+    detail = detail.split("Current pipeline object is no longer valid", 1)[0]
+    detail = re.sub(r"\s*sample #\d+\s*", " sample ", detail)
+    detail = " ".join(detail.split()).rstrip(" :") or text.splitlines()[0]
+    return f"DALI {op.group(1) if op else 'pipeline'} error: {detail}"

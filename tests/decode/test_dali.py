@@ -1,0 +1,153 @@
+"""DaliDecoder: bad-image matrix, routing to Pillow, recovery after DALI errors, batch shapes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from dask_imgcurator.decode import DaliDecoder, PillowDecoder, dali_available, make_decoder  # noqa: E402
+
+from .conftest import BAD_CASES, encode, normalised_white, photo, png_16bit_rgb, transparent_png  # noqa: E402
+
+
+@pytest.fixture
+def dali(spec):
+    return DaliDecoder(spec, batch_size=8)
+
+
+def _alone(dec, blobs):
+    """Each blob decoded in its own decode() call."""
+    return torch.cat([dec.decode([b]).pixels for b in blobs])
+
+
+def test_bad_image_matrix(image_case, spec):
+    spec = dataclasses.replace(spec, **image_case.spec_overrides)
+    dec = DaliDecoder(spec)
+    out = dec.decode([image_case.blob])
+    image_case.verify(out, spec)
+    if image_case.error is not None and "DALI" not in out.errors[0]:
+        assert dec._pipe is None  # refused by the header probe: DALI never ran
+
+
+def test_transparent_pixels_are_white(dali, spec):
+    pixels = dali.decode([transparent_png()]).pixels[0]
+    assert torch.allclose(pixels, normalised_white(spec).expand_as(pixels), atol=1e-6)
+
+
+def test_truncated_jpeg_error_names_dali(dali, truncated_jpeg):
+    out = dali.decode([truncated_jpeg])
+    assert out.errors[0].startswith("truncated or corrupt JPEG: image file is truncated")  # Pillow's retry
+    assert out.errors[0].endswith("; DALI decoders.image error: Failed to decode sample")
+    assert (out.width[0], out.height[0]) == (640, 480)
+
+
+def test_pillow_rescues_what_dali_refuses(dali, photo_jpegs, monkeypatch):
+    refused = photo_jpegs[1]
+    run = dali._run
+
+    def picky_run(blobs, infos):
+        if refused in blobs:
+            raise RuntimeError("Critical error in pipeline:\nencountered:\n\nUnsupported sample #3")
+        return run(blobs, infos)
+
+    monkeypatch.setattr(dali, "_run", picky_run)
+    out = dali.decode(photo_jpegs[:3])
+    assert out.errors == [None] * 3
+    assert torch.equal(out.pixels[1], PillowDecoder(dali.spec, draft=False).decode([refused]).pixels[0])
+
+
+@pytest.mark.parametrize("name", [name for name, case in sorted(BAD_CASES.items()) if case().error is None])
+def test_matrix_cases_agree_with_pillow(name, spec):
+    blob = BAD_CASES[name]().blob
+    a = DaliDecoder(spec).decode([blob]).pixels
+    b = PillowDecoder(spec, draft=False).decode([blob]).pixels
+    assert (a - b).abs().max() < 0.1
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        encode(photo(80, 60).convert("CMYK")),
+        encode(photo(80, 60).convert("RGBA"), "PNG"),
+        encode(photo(80, 60).quantize(), "PNG"),
+        encode(photo(80, 60), "GIF"),
+        png_16bit_rgb(np.full((60, 80, 3), 30000, np.uint16)),
+    ],
+    ids=["cmyk", "rgba", "palette", "gif", "png16"],
+)
+def test_unusual_images_go_to_pillow(spec, blob, monkeypatch):
+    dec = DaliDecoder(spec)
+    routed = []
+    pillow_decode = dec._pillow.decode
+    monkeypatch.setattr(dec._pillow, "decode", lambda blobs: routed.extend(blobs) or pillow_decode(blobs))
+    out = dec.decode([encode(photo(80, 60)), blob])
+    assert routed == [blob]
+    assert out.errors == [None, None]
+    assert torch.equal(out.pixels[1:], PillowDecoder(spec, draft=False).decode([blob]).pixels)
+
+
+def test_truncated_jpeg_mid_batch_then_recovery(dali, photo_jpegs, truncated_jpeg):
+    good = photo_jpegs[:6]
+    expected = _alone(DaliDecoder(dali.spec), good)
+    out = dali.decode(good[:3] + [truncated_jpeg] + good[3:])
+    assert out.ok.tolist() == [True, True, True, False, True, True, True]
+    assert "DALI" in out.errors[3]
+    assert torch.equal(out.pixels, expected)
+    # the pipeline was rebuilt and keeps working, and errors do not leak into later batches
+    for _ in range(2):
+        again = dali.decode(good)
+        assert again.errors == [None] * 6
+        assert torch.equal(again.pixels, expected)
+
+
+def test_two_bad_images_in_one_batch(dali, photo_jpegs, truncated_jpeg):
+    other_truncated = photo_jpegs[1][: len(photo_jpegs[1]) * 2 // 3]
+    out = dali.decode([truncated_jpeg, photo_jpegs[2], other_truncated, b"", photo_jpegs[3]])
+    assert out.ok.tolist() == [False, True, False, False, True]
+    assert torch.equal(out.pixels, _alone(dali, [photo_jpegs[2], photo_jpegs[3]]))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 8, 11, 17])
+def test_variable_batch_sizes(dali, n):
+    blobs = [encode(photo(120 + 7 * i, 90 + 5 * i, seed=i)) for i in range(n)]
+    out = dali.decode(blobs)  # batch_size=8: 11 and 17 are split, the last run smaller
+    assert out.pixels.shape == (n, 3, 224, 224) and out.pixels.dtype == torch.float32
+    assert out.errors == [None] * n
+    assert out.width.tolist() == [120 + 7 * i for i in range(n)]
+    if n:
+        assert torch.equal(out.pixels[-1:], dali.decode(blobs[-1:]).pixels)
+
+
+def test_pipeline_is_built_lazily_and_reused(dali, photo_jpegs):
+    assert dali._pipe is None
+    dali.decode(photo_jpegs[:2])
+    pipe = dali._pipe
+    dali.decode(photo_jpegs[2:5])
+    assert dali._pipe is pipe
+
+
+def test_make_decoder_picks_dali(spec):
+    assert dali_available()
+    assert make_decoder(spec).name == "dali-cpu"
+    assert make_decoder(spec, backend="dali", device="gpu").name == "dali-mixed"  # built lazily: no GPU needed
+    with pytest.raises(ValueError, match="device"):
+        DaliDecoder(spec, device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_backend_matches_cpu(spec, photo_jpegs):
+    gpu = DaliDecoder(spec, device="gpu")
+    batch = photo_jpegs + [encode(photo(80, 60).convert("RGBA"), "PNG"), b""]
+    out = gpu.decode(batch)
+    assert gpu.name == "dali-mixed" and out.pixels.is_cuda
+    assert out.ok.tolist() == [True] * (len(batch) - 1) + [False]
+    cpu = DaliDecoder(spec).decode(batch)
+    # nvJPEG's IDCT differs slightly from libjpeg-turbo's
+    diff = (out.pixels.cpu() - cpu.pixels).abs()
+    assert diff.max() < 0.15 and diff.mean() < 0.01
+    assert gpu.decode([]).pixels.is_cuda

@@ -1,0 +1,135 @@
+"""PillowDecoder: bad-image matrix, batch isolation, batch shapes, draft mode."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile, JpegImagePlugin
+
+from dask_imgcurator.decode import PillowDecoder, PreprocessSpec, make_decoder
+
+from .conftest import encode, normalised_white, photo, png_of_size, transparent_png
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_bad_image_matrix(image_case, spec, draft):
+    spec = dataclasses.replace(spec, **image_case.spec_overrides)
+    image_case.verify(PillowDecoder(spec, draft=draft).decode([image_case.blob]), spec)
+
+
+def test_transparent_pixels_are_white(spec):
+    pixels = PillowDecoder(spec).decode([transparent_png()]).pixels[0]
+    assert torch.allclose(pixels, normalised_white(spec).expand_as(pixels), atol=1e-6)
+
+
+def test_32bit_integer_grey_is_read_as_16bit(spec):
+    blob = encode(Image.fromarray(np.full((30, 40), 32896, np.int32)), "TIFF")  # mode "I"
+    rgb = PillowDecoder(spec).decode([blob]).pixels[0] * torch.tensor(spec.std).view(3, 1, 1)
+    rgb += torch.tensor(spec.mean).view(3, 1, 1)
+    assert torch.allclose(rgb, torch.full_like(rgb, 128 / 255), atol=1e-6)
+
+
+def test_truncated_jpeg_is_an_error_not_grey(spec, truncated_jpeg):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    out = PillowDecoder(spec).decode([truncated_jpeg])
+    assert out.errors[0].startswith("truncated or corrupt JPEG: image file is truncated")
+
+
+def test_bad_rows_do_not_disturb_good_ones(spec, photo_jpegs, truncated_jpeg):
+    dec = PillowDecoder(spec)
+    good = photo_jpegs[:4]
+    batch = [good[0], b"", good[1], truncated_jpeg, b"garbage", good[2], good[3]]
+    out = dec.decode(batch)
+    assert out.ok.tolist() == [True, False, True, False, False, True, True]
+    assert torch.equal(out.pixels, dec.decode(good).pixels)
+    assert out.width.tolist() == [640, -1, 1000, 640, -1, 16, 300]
+    assert out.height.tolist() == [480, -1, 300, 480, -1, 16, 1000]
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 7])
+def test_batch_sizes(spec, photo_jpegs, n):
+    out = PillowDecoder(spec).decode(photo_jpegs[:n])
+    assert out.pixels.shape == (n, 3, 224, 224) and out.pixels.dtype == torch.float32
+    assert out.pixels.is_contiguous()
+    assert out.errors == [None] * n and len(out.width) == len(out.height) == n
+
+
+def test_all_bad_batch_has_empty_pixels(spec):
+    out = PillowDecoder(spec).decode([b"", b"nope"])
+    assert out.pixels.shape == (0, 3, 224, 224)
+    assert not out.ok.any()
+
+
+def test_draft_keeps_twice_the_output_size(spec, monkeypatch):
+    sizes = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    big = encode(photo(2400, 1800, seed=5), quality=90)
+    drafted = PillowDecoder(spec, draft=True).decode([big])
+    assert sizes == [(600, 450)]  # 1/4 scale: shorter side 450 >= 2 * 224; 1/8 would be 225
+    full = PillowDecoder(spec, draft=False).decode([big])
+    assert drafted.width.tolist() == [2400] and drafted.height.tolist() == [1800]
+    diff = (drafted.pixels - full.pixels).abs()
+    assert 0 < diff.mean() < 0.01
+
+
+def test_small_jpeg_is_not_drafted(spec, photo_jpegs):
+    # 640x480 cannot be halved without going under 2 * 224, so draft changes nothing
+    a = PillowDecoder(spec, draft=True).decode(photo_jpegs[:1])
+    b = PillowDecoder(spec, draft=False).decode(photo_jpegs[:1])
+    assert torch.equal(a.pixels, b.pixels)
+
+
+def test_extreme_aspect_ratio_resizes_only_the_crop(spec):
+    # 20000x10 would be a 448000x224 intermediate if resized whole
+    out = PillowDecoder(spec).decode([encode(photo(20_000, 10, seed=6), "PNG")])
+    assert out.errors == [None] and out.pixels.shape == (1, 3, 224, 224)
+
+
+def test_bilinear_spec(photo_jpegs):
+    spec = PreprocessSpec(size=96, interpolation="bilinear")
+    out = PillowDecoder(spec).decode(photo_jpegs)
+    assert out.pixels.shape == (len(photo_jpegs), 3, 96, 96)
+
+
+def test_unknown_interpolation_is_refused():
+    with pytest.raises(ValueError, match="interpolation"):
+        PillowDecoder(PreprocessSpec(interpolation="lanczos"))
+
+
+def test_pixel_bomb_is_refused_before_decoding(spec, monkeypatch):
+    def no_load(self):
+        raise AssertionError("full decode attempted")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    out = PillowDecoder(spec).decode([png_of_size(20_000, 20_000)])
+    assert "over the pixel limit" in out.errors[0]
+
+
+def test_make_decoder_pillow(spec):
+    dec = make_decoder(spec, backend="pillow", draft=False)
+    assert isinstance(dec, PillowDecoder) and dec.name == "pillow" and dec.draft is False
+    with pytest.raises(ValueError, match="backend"):
+        make_decoder(spec, backend="opencv")
+
+
+def test_package_works_without_dali():
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None\n"  # makes `import nvidia.dali` fail
+        "from dask_imgcurator.decode import PreprocessSpec, dali_available, make_decoder\n"
+        "assert not dali_available()\n"
+        "dec = make_decoder(PreprocessSpec(), device='gpu')\n"
+        "assert dec.name == 'pillow', dec.name\n"
+        "assert 'nvidia.dali' not in {k for k, v in sys.modules.items() if v is not None}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
