@@ -24,6 +24,9 @@ __all__ = [
 ]
 
 
+_PILLOW_OPTIONS = ("draft",)
+
+
 def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu", **kw: Any) -> Decoder:
     """Pick a decoder.
 
@@ -45,6 +48,8 @@ def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu
     """
     if backend == "auto":
         backend = "dali" if dali_available() else "pillow"
+        if backend == "pillow":  # options meant for DALI do not apply to the fallback
+            kw = {k: v for k, v in kw.items() if k in _PILLOW_OPTIONS}
     if backend == "dali":
         if not dali_available():
             raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .cache import get_cached
 from .encoder import LoadedModel, ModelInfo
 from .ref import LOCAL_DIR_PREFIX, ClipRef
-from .spec import spec_from_cfg
+from ..decode.preprocess import preprocess_spec_from_open_clip
 from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
 
 CONFIG_FILE = "open_clip_config.json"
@@ -64,7 +64,7 @@ def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedMod
         path = clip_dir(ref)
         model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
         cfg = _read_config(path)["model_cfg"]
-    info = ModelInfo(str(ref), int(cfg["embed_dim"]), spec_from_cfg(model.visual.preprocess_cfg))
+    info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
     return LoadedModel(model.visual, info, device=device, precision=precision)
 
 
@@ -187,4 +187,4 @@ def clip_info(ref: ClipRef) -> ModelInfo:
         pp = open_clip.get_pretrained_cfg(ref.name, str(ref.pretrained)) if ref.kind == "tag" else {}
     merged = merge_preprocess_dict(PreprocessCfg(), pp)
     merged["size"] = cfg["vision_cfg"].get("image_size", merged["size"])
-    return ModelInfo(str(ref), int(cfg["embed_dim"]), spec_from_cfg(merged))
+    return ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(merged))

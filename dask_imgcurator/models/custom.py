@@ -11,7 +11,7 @@ import torch
 from ..decode.base import PreprocessSpec
 from .cache import get_cached
 from .encoder import LoadedModel, ModelInfo
-from .spec import spec_from_transform
+from ..decode.preprocess import preprocess_spec_from_open_clip
 
 EncoderFactory = Callable[[], torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]]
 
@@ -70,5 +70,5 @@ def custom_model(
     name : str
         Unique name (output metadata, cache key and head family).
     """
-    spec = preprocess if isinstance(preprocess, PreprocessSpec) else spec_from_transform(preprocess)
+    spec = preprocess if isinstance(preprocess, PreprocessSpec) else preprocess_spec_from_open_clip(preprocess)
     return CustomModel(name=name, factory=factory, preprocess=spec, embed_dim=embed_dim)
