@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 from collections import Counter
 
 import dask
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    previous = _stop_on_sigterm()
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -42,6 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS + _late_user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (a scheduler's preemption, ``kill``) stop a run like Ctrl-C: cleanly, resumable."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _late_user_errors() -> tuple[type[BaseException], ...]:
