@@ -46,6 +46,9 @@ ERROR_KINDS = (
     ("entries are not supported", "unsupported tar entry"),
     ("pixel limit", "image over pixel limit"),
     ("empty image", "empty image"),
+    ("truncated or corrupt", "corrupt image"),
+    ("unreadable image header", "corrupt image"),
+    ("unrecognised image data", "unrecognised image"),
 )
 
 

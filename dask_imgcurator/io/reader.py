@@ -30,7 +30,8 @@ def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSI
     """
     members, refused, shard_error = scan_members(url)
     samples = group_samples(members, refused, image_extensions)
-    if shard_error and samples and samples[-1].error is None:
+    cut_member_known = any(reason.startswith("truncated tar") for _, reason in refused)
+    if shard_error and not cut_member_known and samples and samples[-1].error is None:
         samples[-1].error = "the shard ends in a broken entry after this sample; it may be missing members"
     rows = []
     text_ranges: list[tuple[int, int]] = []

@@ -139,8 +139,9 @@ def open_shard(url: str, mode: str = "rb"):
 def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | None]:
     """Scan a tar's headers.
 
-    Returns the regular-file members in archive order, the non-regular entries that were refused
-    as (name, reason), and a shard-level error (truncation, not a tar) or None.
+    Returns the regular-file members in archive order, the entries that were refused as
+    (name, reason) (non-regular files, a member cut off by truncation), and a shard-level error
+    (truncation, not a tar) or None.
     """
     members: list[Member] = []
     refused: list[tuple[str, str]] = []
@@ -159,10 +160,12 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
                     continue
                 end = info.offset_data + info.size
                 if end > size:
-                    return members, refused, (
-                        f"{url}: truncated tar: member {info.name!r} declares {info.size} bytes "
+                    problem = (
+                        f"truncated tar: member {info.name!r} declares {info.size} bytes "
                         f"at offset {info.offset_data}, but the file ends at byte {size}"
                     )
+                    refused.append((info.name, problem))
+                    return members, refused, f"{url}: {problem}"
                 members.append(Member(info.name, info.offset_data, info.size))
         except tarfile.ReadError as exc:
             where = f" after member {members[-1].name!r}" if members else ""

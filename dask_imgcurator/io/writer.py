@@ -234,8 +234,11 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
                 "overwrite=True (--overwrite) to replace it"
             )
         fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
-    _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+    try:
+        fs.makedirs(root, exist_ok=True)
+        _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+    except OSError as exc:
+        raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
     return None
 
 

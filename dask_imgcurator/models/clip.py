@@ -50,7 +50,13 @@ def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str =
     return get_cached(key, lambda: _load(ref, device, precision))
 
 
+def _check_checkpoint(ref: ClipRef) -> None:
+    if ref.kind == "file" and not Path(str(ref.pretrained)).is_file():
+        raise WeightsNotFoundError(f"checkpoint file {ref.pretrained} for {ref.name} does not exist")
+
+
 def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
+    _check_checkpoint(ref)
     if ref.kind == "file":
         try:
             model = open_clip.create_model(ref.name, pretrained=ref.pretrained, weights_only=True)
@@ -176,6 +182,7 @@ def clip_info(ref: ClipRef) -> ModelInfo:
     Reads the local dir's config when there is one, else open_clip's built-in configs
     (``hf-hub:`` models fetch only their config file, unless offline).
     """
+    _check_checkpoint(ref)
     path = _local_dir(ref) if ref.kind != "file" else None
     if path is None and (ref.kind == "local-dir" or (ref.kind == "hf-hub" and is_offline(ref.offline))):
         clip_dir(ref)  # raises the not-found error
