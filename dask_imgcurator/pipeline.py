@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from dask.base import tokenize
 from fsspec.core import url_to_fs
 
+from dask_imgcurator.io.shards import full_url
 from dask_imgcurator.io.writer import claim_output, finish_output, stage_partitions, write_shards
 from dask_imgcurator.progress import run_tasks
 from dask_imgcurator.schema import STRING
@@ -157,9 +158,9 @@ def write_curated(
         summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})
         summary.parts_skipped, summary.shards_skipped = len(finished["parts"]), summary.shards
         return summary
-    parts, parts_skipped = stage_partitions(ddf, _join(fs, root, "metadata"), progress=progress)
-    shards = write_shards(parts, _join(fs, root, "shards"), samples_per_shard, rekey=rekey, only_kept=True, progress=progress)
-    finish_output(_join(fs, root, "shards"), fingerprint, {**params, "samples": shards.samples, "shards": shards.shards})
+    parts, parts_skipped = stage_partitions(ddf, full_url(fs, posixpath.join(root, "metadata")), progress=progress)
+    shards = write_shards(parts, full_url(fs, posixpath.join(root, "shards")), samples_per_shard, rekey=rekey, only_kept=True, progress=progress)
+    finish_output(full_url(fs, posixpath.join(root, "shards")), fingerprint, {**params, "samples": shards.samples, "shards": shards.shards})
     summary = _count(parts, progress)
     summary.written, summary.shards = shards.samples, len(shards.shards)
     summary.shards_skipped, summary.parts_skipped = shards.shards_skipped, parts_skipped
@@ -167,12 +168,6 @@ def write_curated(
         json.dump(summary.to_dict(), f, indent=1)
     finish_output(out_dir, fingerprint, {**params, "summary": summary.to_dict(), "parts": parts})
     return summary
-
-
-def _join(fs, root: str, name: str) -> str:
-    path = posixpath.join(root, name)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
 def _count(parts: list[str], progress: bool) -> CurationSummary:

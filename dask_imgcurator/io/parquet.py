@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from dask_imgcurator.io.shards import full_url
+
 __all__ = ["read_parquet", "arrow_types_mapper"]
 
 
@@ -72,8 +74,7 @@ def _parquet_files(path: str | Sequence[str]) -> list[str]:
             found = [local] if fs.exists(local) else []
         if not found:
             raise FileNotFoundError(f"no Parquet files at {p}")
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        files += found if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in found]
+        files += [full_url(fs, f) for f in found]
     return files
 
 

@@ -109,18 +109,19 @@ def _expand_one(url: str) -> list[str]:
         found = sorted(fs.glob(path))
         if not found:
             raise FileNotFoundError(f"pattern {url!r} matched no files")
-        return [_display_url(fs, p) for p in found]
+        return [full_url(fs, p) for p in found]
     if not fs.exists(path):
         raise FileNotFoundError(f"no such shard: {url}")
     if fs.isdir(path):
         found = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
         if not found:
             raise FileNotFoundError(f"directory {url!r} holds no .tar files")
-        return [_display_url(fs, p) for p in found]
-    return [_display_url(fs, path)]
+        return [full_url(fs, p) for p in found]
+    return [full_url(fs, path)]
 
 
-def _display_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path of ``fs`` as users write it: plain for local files, with the protocol otherwise."""
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 

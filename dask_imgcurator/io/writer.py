@@ -36,6 +36,7 @@ from dask_imgcurator.io.parquet import arrow_types_mapper
 from dask_imgcurator.io.shards import (
     Member,
     ShardError,
+    full_url,
     open_shard,
     split_key,
     unsafe_member_reason,
@@ -142,7 +143,7 @@ def to_webdataset(
         return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
     staging = posixpath.join(root, STAGING_DIR)
-    parts, parts_skipped = stage_partitions(ddf, _url(fs, staging), progress=progress)
+    parts, parts_skipped = stage_partitions(ddf, full_url(fs, staging), progress=progress)
     result = write_shards(parts, out_dir, samples_per_shard, rekey=rekey, progress=progress)
     result.parts_skipped = parts_skipped
     fs.rm(staging, recursive=True)
@@ -163,9 +164,9 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
     if todo:
         parts = ddf.to_delayed()
         stage = dask.delayed(_stage_part, pure=True)
-        tasks = [stage(parts[i], _url(fs, paths[i]), dask_key_name=f"stage-part-{i}-{tokenize(ddf, i)}") for i in todo]
+        tasks = [stage(parts[i], full_url(fs, paths[i]), dask_key_name=f"stage-part-{i}-{tokenize(ddf, i)}") for i in todo]
         run_tasks(tasks, "stage", progress)
-    return [_url(fs, p) for p in paths], ddf.npartitions - len(todo)
+    return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
 
 
 def write_shards(
@@ -202,7 +203,7 @@ def write_shards(
             continue
         job = [(parts[p], start, stop) for p, start, stop in slices]
         key_prefix = name[-5:] if rekey else None
-        tasks.append((j, write(job, _url(fs, root), name, key_prefix, index_width, only_kept,
+        tasks.append((j, write(job, full_url(fs, root), name, key_prefix, index_width, only_kept,
                                dask_key_name=f"write-shard-{name}-{tokenize(job, out_dir, rekey)}")))
     for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "write shards", progress)):
         records[j] = record
@@ -276,11 +277,6 @@ def _write_atomic(fs, path: str, data: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
-
-
-def _url(fs, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -367,7 +363,7 @@ def _write_shard(
     with fs.open(tar_tmp, "wb") as f:
         sink = _HashingWriter(f)
         layout = _stream_tar(rows, sink, key_prefix, index_width)
-    out = _relocate(rows, layout, _url(fs, f"{base}.tar"), key_prefix is not None)
+    out = _relocate(rows, layout, full_url(fs, f"{base}.tar"), key_prefix is not None)
 
     table = io.BytesIO()
     pq.write_table(to_arrow(out), table)
