@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated heads (default aesthetic,nsfw)")
     q.set_defaults(run=cmd_models_download)
 
+    p = sub.add_parser("report", help="write an HTML report of a run: counts, score plots, thumbnails, failures")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory of a curate or reshard run")
+    p.add_argument("--out", metavar="PATH", help="HTML file to write (default: OUT_DIR/report.html)")
+    p.add_argument("--thumbnails", type=int, default=12, metavar="N",
+                   help="kept and filtered samples to show, each (default 12; 0 for none)")
+    p.set_defaults(run=cmd_report)
+
     p = sub.add_parser("index", help="write DALI index files (.idx) next to input shards")
     _add_shards(p)
     p.add_argument("--out", help="directory for the .idx files (default: beside each shard)")
@@ -150,6 +157,7 @@ def _add_curate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
     p.add_argument("--workers", type=int, help="local worker processes (default: one per two cores)")
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (see `imgcurator report`)")
     _add_scheduler(p)
 
 
@@ -218,7 +226,19 @@ def _curate(args: argparse.Namespace, source) -> int:
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,
         )
-    return _report(summary, args.out)
+    status = _report(summary, args.out)
+    if args.report:
+        from dask_imgcurator.report import write_report
+
+        print(f"report: {write_report(args.out)}")
+    return status
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dask_imgcurator.report import write_report
+
+    print(f"report: {write_report(args.out_dir, args.out, thumbnails=args.thumbnails)}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- demo
@@ -243,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shards=[f"{root}/input"], out=f"{root}/curated", filter=[DEMO_FILTER], heads="aesthetic,nsfw",
         samples_per_shard=max(1, args.shards * args.samples // 3), batch_size=None, precision="fp32",
         decoder="auto", max_pixels=DEFAULT_MAX_PIXELS, rekey=False, overwrite=args.overwrite,
-        scheduler=None, workers=args.workers,
+        scheduler=None, workers=args.workers, report=True,
     )
     print(f"curating with filter: {DEMO_FILTER}")
     return _curate(curate_args, ref)

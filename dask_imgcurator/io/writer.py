@@ -368,7 +368,10 @@ def _write_shard(
     table = io.BytesIO()
     pq.write_table(to_arrow(out), table)
     idx = io.StringIO()
-    write_dali_index([members for _, members in layout], idx)
+    try:
+        write_dali_index([members for _, members in layout], idx)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; pass rekey=True (--rekey) to give members plain names") from None
     record = {
         "shard": f"{name}.tar",
         "samples": len(out),

@@ -226,3 +226,13 @@ def test_write_uses_a_distributed_client_when_present(shard_dir, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster):
         result = ic.to_webdataset(kept_frame(shard_dir), str(tmp_path / "out"), samples_per_shard=3)
     assert result.samples == 7
+
+
+def test_member_names_with_spaces_need_rekey_for_the_dali_index(tmp_path):
+    write_tar(tmp_path / "in.tar", [("a b.jpg", jpeg_bytes(1)), ("a b.txt", b"caption")])
+    ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
+    with pytest.raises(ValueError, match=r"white space; .* pass rekey=True \(--rekey\)"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"))
+    result = ic.to_webdataset(ddf, str(tmp_path / "out2"), rekey=True)
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out2" / "00000.tar"), shardshuffle=False)))
+    assert sample["__key__"] == "000000000" and sample["jpg"] == jpeg_bytes(1) and result.samples == 1
