@@ -40,6 +40,27 @@ def dali_available() -> bool:
     return True
 
 
+#: Default pixel budget of one DALI run: 128 MP, about 384 MB of decoded RGB.
+DEFAULT_MAX_BATCH_PIXELS = 128_000_000
+
+
+def _chunks(items: list[tuple[int, ImageInfo]], max_count: int, max_pixels: int) -> list[list[tuple[int, ImageInfo]]]:
+    """Split in order into runs of at most ``max_count`` images and ``max_pixels`` pixels (one image may exceed it)."""
+    chunks: list[list[tuple[int, ImageInfo]]] = []
+    current: list[tuple[int, ImageInfo]] = []
+    pixels = 0
+    for item in items:
+        size = item[1].width * item[1].height
+        if current and (len(current) == max_count or pixels + size > max_pixels):
+            chunks.append(current)
+            current, pixels = [], 0
+        current.append(item)
+        pixels += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class DaliDecoder:
     """Decode with a DALI pipeline: decoders.image → resize → crop_mirror_normalize.
 
@@ -67,6 +88,9 @@ class DaliDecoder:
         DALI CPU worker threads.
     batch_size : int
         Largest batch one pipeline run takes; longer inputs are split.
+    max_batch_pixels : int
+        Largest total of pixels (width x height, read from the headers) in one pipeline run, so
+        that a batch of very large images does not hold them all decoded at once (3 bytes each).
     """
 
     def __init__(
@@ -76,6 +100,7 @@ class DaliDecoder:
         device_id: int | None = None,
         num_threads: int = 2,
         batch_size: int = 64,
+        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -84,6 +109,7 @@ class DaliDecoder:
         self.device_id = (device_id or 0) if device == "gpu" else None
         self.num_threads = num_threads
         self.batch_size = batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.name = "dali-mixed" if device == "gpu" else "dali-cpu"
         self._pillow = PillowDecoder(spec, draft=False)  # also validates spec.interpolation
         self._pipe: Any = None
@@ -126,8 +152,7 @@ class DaliDecoder:
                 to_pillow.append(i)
 
         dali_failures: dict[int, str] = {}
-        for start in range(0, len(to_dali), self.batch_size):
-            chunk = to_dali[start : start + self.batch_size]
+        for chunk in _chunks(to_dali, self.batch_size, self.max_batch_pixels):
             results = self._run_chunk([blobs[i] for i, _ in chunk], [info for _, info in chunk])
             for (i, _), result in zip(chunk, results):
                 if isinstance(result, str):

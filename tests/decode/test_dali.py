@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -151,3 +152,22 @@ def test_mixed_backend_matches_cpu(spec, photo_jpegs):
     diff = (out.pixels.cpu() - cpu.pixels).abs()
     assert diff.max() < 0.15 and diff.mean() < 0.01
     assert gpu.decode([]).pixels.is_cuda
+
+
+def test_runs_are_split_by_pixel_budget(monkeypatch):
+    from PIL import Image as PILImage
+
+    from dask_imgcurator.decode import DaliDecoder, PreprocessSpec
+
+    blobs = []
+    for side in (300, 300, 300, 40):
+        buf = io.BytesIO()
+        PILImage.new("RGB", (side, side), (side % 256, 10, 20)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    decoder = DaliDecoder(PreprocessSpec(size=32), batch_size=64, max_batch_pixels=200_000)
+    runs = []
+    real = decoder._run
+    monkeypatch.setattr(decoder, "_run", lambda b, infos: runs.append(len(b)) or real(b, infos))
+    out = decoder.decode(blobs)
+    assert runs == [2, 2]  # 300x300 = 90,000 px: two per run, then the third with the small one
+    assert out.ok.all() and out.pixels.shape == (4, 3, 32, 32)
