@@ -156,9 +156,43 @@ def _add_curate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (bomb guard)")
     p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
-    p.add_argument("--workers", type=int, help="local worker processes (default: one per two cores)")
     p.add_argument("--report", action="store_true", help="also write OUT/report.html (see `imgcurator report`)")
-    _add_scheduler(p)
+    _add_cluster_options(p)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "where it runs",
+        "Defaults also come from dask's config under 'imgcurator:' (see dask_imgcurator/imgcurator.yaml) "
+        "and from DASK_IMGCURATOR__SECTION__KEY environment variables; these options win.",
+    )
+    where = g.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster", choices=("auto", "local", "cuda", "slurm"), default=None,
+        help="start a cluster: auto (default) = cuda when GPUs are visible, else local; local = CPU worker "
+             "processes; cuda = one worker per GPU (dask-cuda); slurm = workers in SLURM jobs (dask-jobqueue)",
+    )
+    where.add_argument("--scheduler", metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
+    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per two cores, or one per GPU)")
+    g.add_argument("--torch-threads", type=int, metavar="N", help="torch threads per worker (default: its share of the cores)")
+    g.add_argument(
+        "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT",
+        help="serve the dask dashboard at this address (e.g. :8787; the link is always printed)",
+    )
+    g.add_argument("--cluster-config", metavar="FILE", help="YAML file of 'imgcurator:' settings (like imgcurator.yaml)")
+    s = p.add_argument_group("SLURM (with --cluster slurm)")
+    s.add_argument("--slurm-queue", metavar="PARTITION", help="partition (#SBATCH -p)")
+    s.add_argument("--slurm-account", metavar="ACCOUNT", help="#SBATCH -A")
+    s.add_argument("--slurm-jobs", type=int, metavar="N", help="jobs to submit (default 1)")
+    s.add_argument("--slurm-adapt", metavar="MIN:MAX", help="adapt the number of jobs to the work instead")
+    s.add_argument("--slurm-cores", type=int, metavar="N", help="CPUs per job (default 8)")
+    s.add_argument("--slurm-memory", metavar="SIZE", help="memory per job (default 32GiB)")
+    s.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job (--gres=gpu:N), one worker each")
+    s.add_argument("--slurm-walltime", metavar="HH:MM:SS", help="job time limit (default 01:00:00)")
+    s.add_argument("--slurm-prologue", action="append", metavar="LINE", help="shell line run before the workers (repeat)")
+    s.add_argument("--slurm-directive", action="append", metavar="OPTION", help="extra #SBATCH option (repeat)")
+    s.add_argument("--slurm-local-directory", metavar="DIR", help="worker scratch on the nodes (default ${TMPDIR:-/tmp})")
+    s.add_argument("--slurm-log-directory", metavar="DIR", help="job stdout/stderr files")
 
 
 def _add_scheduler(p: argparse.ArgumentParser) -> None:
@@ -178,22 +212,59 @@ def _maybe_client(address: str | None):
         yield client
 
 
+#: CLI option -> slurm_cluster() keyword.
+SLURM_OPTIONS = {
+    "slurm_queue": "queue", "slurm_account": "account", "slurm_jobs": "jobs", "slurm_cores": "cores",
+    "slurm_memory": "memory", "slurm_gpus": "gpus", "slurm_walltime": "walltime",
+    "slurm_prologue": "job_script_prologue", "slurm_directive": "job_extra_directives",
+    "slurm_local_directory": "local_directory", "slurm_log_directory": "log_directory",
+}
+
+
 @contextlib.contextmanager
-def _curation_client(address: str | None, workers: int | None):
-    """The client for model work: the given scheduler, or a new local cluster of processes."""
+def _curation_client(args: argparse.Namespace):
+    """The client for model work: the given scheduler, or a new cluster (--cluster, config)."""
     from distributed import Client
 
-    from dask_imgcurator.cluster import TorchThreads, local_cluster, torch_threads_for
+    from dask_imgcurator import config
 
-    if address:
-        with Client(address) as client:
-            print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
-            yield client
-        return
-    with local_cluster(workers) as cluster, Client(cluster) as client:
-        client.register_plugin(TorchThreads(torch_threads_for(len(cluster.workers))))
+    opt = lambda name: getattr(args, name, None)  # noqa: E731  (demo's Namespace lacks most options)
+    with contextlib.ExitStack() as stack:
+        if opt("cluster_config"):
+            stack.enter_context(config.use_config_file(opt("cluster_config")))
+        if opt("scheduler"):
+            client = stack.enter_context(Client(opt("scheduler")))
+        else:
+            from dask_imgcurator.cluster import make_cluster
+
+            kind = config.get("cluster.kind", opt("cluster"))
+            cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind)))
+            client = stack.enter_context(Client(cluster))
+            if kind == "slurm":
+                # No wait_for_workers here: an adaptive cluster starts jobs only once there is work.
+                print(f"SLURM cluster started; the work begins when its jobs ({cluster.job_name}) are running",
+                      file=sys.stderr)
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+def _cluster_kwargs(args: argparse.Namespace, kind: str) -> dict:
+    """Keyword arguments of make_cluster() from the CLI options that were given."""
+    opt = lambda name: getattr(args, name, None)  # noqa: E731
+    kwargs = {"torch_threads": opt("torch_threads"), "dashboard_address": opt("dashboard") or None}
+    slurm = {key: opt(name) for name, key in SLURM_OPTIONS.items() if opt(name) is not None}
+    if kind != "slurm":
+        if slurm or opt("slurm_adapt"):
+            raise ValueError("--slurm-* options need --cluster slurm (or imgcurator.cluster.kind: slurm)")
+        return {**kwargs, "n_workers": opt("workers")}
+    if opt("workers"):
+        raise ValueError("--workers is for local clusters; with --cluster slurm use --slurm-jobs or --slurm-adapt")
+    if opt("slurm_adapt"):
+        low, sep, high = opt("slurm_adapt").partition(":")
+        if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high)):
+            raise ValueError(f"--slurm-adapt wants MIN:MAX job counts such as 0:8, not {opt('slurm_adapt')!r}")
+        slurm.update(adapt=True, minimum_jobs=int(low), maximum_jobs=int(high))
+    return {**kwargs, **slurm}
 
 
 # ----------------------------------------------------------------------------- curate
@@ -221,7 +292,7 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
-    with _curation_client(args.scheduler, args.workers):
+    with _curation_client(args):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,
