@@ -1,6 +1,7 @@
 """The embed stage: decode each sample's image once, embed it with CLIP, run the heads in the same pass."""
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ def embed(
 
 def embed_partition(df, config: EmbedConfig):
     """Embed one partition (pandas, or cuDF converted through host memory); see :func:`embed`."""
+    _restore_mmap_threshold()
     frame = to_pandas(df)
     device = worker_device() if config.device == "auto" else config.device
     model = config.model.load(device, config.precision)
@@ -197,6 +199,35 @@ def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
 
 
 _DECODER_LOCK = threading.Lock()
+_MALLOC_TUNED: list[bool] = []
+#: glibc's own ceiling for its adaptive mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_THRESHOLD = 32 << 20
+_M_MMAP_THRESHOLD = -3
+
+
+def _restore_mmap_threshold() -> None:
+    """Once per process: give back glibc's large mmap threshold where a malloc env var removed it.
+
+    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, and setting any malloc threshold
+    turns off glibc's adaptive mmap threshold: every buffer over 128 KiB is then mmapped when
+    allocated and unmapped when freed, so each model batch page-faults its activations afresh
+    (ViT-B-32 fp32 in a 2-core worker: 17 images/s, 22 with this). Left alone when the user set
+    ``MALLOC_MMAP_THRESHOLD_`` or no malloc variable at all, and outside glibc.
+    """
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED.append(True)
+    tuned = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not any(v in os.environ for v in tuned):
+        return
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc after all: nothing to undo
+        pass
 
 
 def _cached_decoder(spec, backend: str, device: str):
