@@ -50,7 +50,7 @@ DATA = {
     "quick": {"ViT-B-32": (3, 32), "ViT-L-14": (1, 16)},
     "full": {"ViT-B-32": (4, 96), "ViT-L-14": (2, 32)},
 }
-SCALING = {"quick": (2, 32), "full": (4, 64)}  # the 1x point; 2x and 4x add shards
+SCALING = {"quick": (1, 32), "full": (4, 64)}  # the 1x point; 2x and 4x add shards
 REPEATS = {"quick": 2, "full": 3}
 INDEX = {"quick": (2, 150), "full": (4, 250)}  # shards x samples of ~1.5 MB members
 WARMUP_SAMPLES = 40  # per worker, before curate's clock starts (model load, decoder build, first batches)
