@@ -135,14 +135,13 @@ def child_ceiling(p: dict) -> list[dict]:
     """Encoder alone on ready tensors, as 1 process x all threads or N processes x 1 thread."""
     cores = p["cores"]
     if p["layout"] == "threads":
-        rate = _encode_loop(p, threads=cores, images=p["images"])
+        rate = _encode_loop(p, threads=cores)
         return [_ceiling_line(p, rate, procs=1, threads=cores)]
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(cores), ctx.Queue()
-    share = -(-p["images"] // cores)
-    procs = [ctx.Process(target=_encode_proc, args=(p, share, barrier, queue)) for _ in range(cores)]
+    procs = [ctx.Process(target=_encode_proc, args=(p, p["batches"][i::cores], barrier, queue)) for i in range(cores)]
     for proc in procs:
         proc.start()
     results = [queue.get() for _ in procs]
@@ -179,36 +178,37 @@ def _load_encoder(p: dict, threads: int):
     return ref.load("cpu", p["precision"])
 
 
-def _encode_loop(p: dict, threads: int, images: int) -> dict:
+def _run_batches(model, sizes: list[int], warm: bool = True) -> tuple[Meter, int]:
+    """Encode ready tensors in batches of ``sizes`` (as curate forms them: per shard, then the rest)."""
     import torch
 
-    model = _load_encoder(p, threads)
-    size, bs = model.preprocess.size, p["batch_size"]
-    x = torch.randn(bs, 3, size, size)
-    model.encode(x)  # warm-up: weights paged in, kernels chosen for this shape
-    batches = -(-images // bs)
+    side = model.preprocess.size
+    inputs = {n: torch.randn(n, 3, side, side) for n in set(sizes)}
+    for x in inputs.values() if warm else ():
+        model.encode(x)  # warm-up: weights paged in, kernels chosen for these shapes
     with Meter() as m:
-        for _ in range(batches):
-            model.encode(x)
-    return {"images": batches * bs, "wall": m.wall, "cpu": m.cpu, "others": m.others, "steal": m.steal,
-            "rss": peak_rss_mb()}
+        for n in sizes:
+            model.encode(inputs[n])
+    return m, sum(sizes)
 
 
-def _encode_proc(p: dict, images: int, barrier, queue) -> None:
+def _encode_loop(p: dict, threads: int) -> dict:
+    m, n = _run_batches(_load_encoder(p, threads), p["batches"])
+    return {"images": n, "wall": m.wall, "cpu": m.cpu, "others": m.others, "steal": m.steal, "rss": peak_rss_mb()}
+
+
+def _encode_proc(p: dict, sizes: list[int], barrier, queue) -> None:
     _quiet()
+    model = _load_encoder(p, 1)
+    side = model.preprocess.size
     import torch
 
-    model = _load_encoder(p, 1)
-    size, bs = model.preprocess.size, p["batch_size"]
-    x = torch.randn(bs, 3, size, size)
-    model.encode(x)
-    batches = -(-images // bs)
+    for n in set(sizes):
+        model.encode(torch.randn(n, 3, side, side))
     barrier.wait()
     start = time.time()
-    with Meter() as m:
-        for _ in range(batches):
-            model.encode(x)
-    queue.put((start, time.time(), m.cpu, m.others, peak_rss_mb(), m.wall, batches * bs))
+    m, n = _run_batches(model, sizes, warm=False)
+    queue.put((start, time.time(), m.cpu, m.others, peak_rss_mb(), m.wall, n))
 
 
 def child_naive(p: dict) -> list[dict]:
@@ -608,7 +608,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             for precision in precisions:
                 if "model_ceiling" in sections:
                     for layout in ("threads", "procs"):
-                        p = {**base, "precision": precision, "images": images, "layout": layout}
+                        sizes = [min(bs, per_shard - i) for _ in range(n_shards) for i in range(0, per_shard, bs)]
+                        p = {**base, "precision": precision, "batches": sizes, "layout": layout}
                         record(("ceiling", name, precision, layout), measure("model_ceiling", p))
                 if "naive" in sections and precision == "fp32":
                     record(("naive", name), measure("naive", {**base, "shards": shards}))

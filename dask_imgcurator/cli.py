@@ -245,7 +245,18 @@ def _curation_client(args: argparse.Namespace):
                 print(f"SLURM cluster started; the work begins when its jobs ({cluster.job_name}) are running",
                       file=sys.stderr)
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        stack.push(_quiet_teardown_on_interrupt)  # runs first when the block exits
         yield client
+
+
+def _quiet_teardown_on_interrupt(exc_type, exc, tb) -> bool:
+    """On Ctrl-C/SIGTERM, keep distributed's shutdown noise (cancelled-task tracebacks) off the terminal."""
+    if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        import logging
+
+        for name in ("distributed", "tornado.application", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    return False
 
 
 def _cluster_kwargs(args: argparse.Namespace, kind: str) -> dict:
