@@ -32,7 +32,6 @@ def main() -> None:
     df = ic.read_webdataset(shards).compute()
     df = df[df["image_member"].str.endswith(".jpg")]  # the reader path below decodes one extension
     spec = PreprocessSpec(size=224)
-    blobs_by_shard = {s: read_ranges(s, list(zip(g.image_offset, g.image_nbytes))) for s, g in df.groupby("shard", sort=False)}
     n = len(df)
 
     results = {}

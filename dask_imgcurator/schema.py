@@ -29,11 +29,15 @@ def embedding_dtype(dim: int) -> pd.ArrowDtype:
     return pd.ArrowDtype(pa.list_(pa.float32(), dim))
 
 
-def embedding_series(matrix: np.ndarray, index: pd.Index) -> pd.Series:
-    """Wrap an (N, D) float32 matrix as an embedding column without per-row Python objects."""
+def embedding_series(matrix: np.ndarray, index: pd.Index, valid: np.ndarray | None = None) -> pd.Series:
+    """Wrap an (N, D) float32 matrix as an embedding column without per-row Python objects.
+
+    Rows where ``valid`` is False become nulls.
+    """
     n, dim = matrix.shape
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
-    arr = pa.FixedSizeListArray.from_arrays(flat, dim)
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    arr = pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
     return pd.Series(pd.arrays.ArrowExtensionArray(arr), index=index)
 
 

@@ -19,12 +19,11 @@ import json
 import posixpath
 import tarfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import dask
 import dask.dataframe as dd
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,6 +1,7 @@
 """The embed stage: decode each sample's image once, embed it with CLIP, run the heads in the same pass."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,6 @@ from typing import Any, Iterator, Sequence
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 
 from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
@@ -19,7 +19,7 @@ from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.shards import read_ranges
 from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
 from dask_imgcurator.models.cache import get_cached
-from dask_imgcurator.schema import embedding_dtype
+from dask_imgcurator.schema import embedding_dtype, embedding_series
 
 __all__ = ["embed", "embed_partition", "EmbedConfig", "score_columns"]
 
@@ -124,7 +124,7 @@ def embed_partition(df, config: EmbedConfig):
         spec.name: load_head(spec, info.embed_dim, config.model.head_family, device=device, **config.model.store_kwargs())
         for spec in config.heads
     }
-    spec = _with_max_pixels(model.preprocess, config.max_pixels)
+    spec = dataclasses.replace(model.preprocess, max_pixels=config.max_pixels)
     decoder = _cached_decoder(spec, config.decoder, device)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
 
@@ -153,11 +153,9 @@ def embed_partition(df, config: EmbedConfig):
                 scores[name][ok_rows] = head(features).float().cpu().numpy()
 
     out = frame.copy()
-    out["embedding"] = _embedding_column(embeddings, has_embedding, out.index)
-    out["width"] = pd.array(np.where(width >= 0, width, 0), dtype=pd.Int32Dtype())
-    out["height"] = pd.array(np.where(height >= 0, height, 0), dtype=pd.Int32Dtype())
-    out.loc[width < 0, "width"] = pd.NA
-    out.loc[height < 0, "height"] = pd.NA
+    out["embedding"] = embedding_series(embeddings, out.index, valid=has_embedding)
+    out["width"] = pd.arrays.IntegerArray(width.astype(np.int32), width < 0)  # -1: size unknown → null
+    out["height"] = pd.arrays.IntegerArray(height.astype(np.int32), height < 0)
     for name, values in scores.items():
         out[f"{name}_score"] = values
     out["error"] = pd.array(errors, dtype=frame["error"].dtype)
@@ -198,7 +196,6 @@ def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-_DECODER_LOCK = threading.Lock()
 _MALLOC_TUNED: list[bool] = []
 #: glibc's own ceiling for its adaptive mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
 _MMAP_THRESHOLD = 32 << 20
@@ -231,20 +228,11 @@ def _restore_mmap_threshold() -> None:
 
 
 def _cached_decoder(spec, backend: str, device: str):
-    """One decoder per worker thread-safe slot (DALI pipelines are expensive to build)."""
+    """The decoder of this task thread, built once (DALI pipelines are costly to build and not shareable).
+
+    Keyed by the calling thread: each concurrently running task gets its own, used by one decode at a time.
+    """
     dali_device = "gpu" if torch.device(device).type == "cuda" else "cpu"
     key = ("decoder", spec, backend, dali_device, threading.get_ident())
     return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device))
 
-
-def _with_max_pixels(spec, max_pixels: int):
-    from dataclasses import replace
-
-    return replace(spec, max_pixels=max_pixels)
-
-
-def _embedding_column(matrix: np.ndarray, valid: np.ndarray, index: pd.Index) -> pd.Series:
-    n, dim = matrix.shape
-    values = pa.array(matrix.reshape(-1))
-    arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
-    return pd.Series(pd.arrays.ArrowExtensionArray(arr), index=index)

@@ -7,7 +7,6 @@ from typing import Sequence
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 
 from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
