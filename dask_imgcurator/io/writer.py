@@ -24,6 +24,7 @@ from typing import Sequence
 
 import dask
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,6 +58,8 @@ MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
 PROGRESS_DIR = "_progress"
 STAGING_DIR = "_staging"
+#: Rows per row group in staged parts, so that shard tasks can read just the rows they need.
+STAGE_ROW_GROUP = 1024
 
 
 class OutputExistsError(FileExistsError):
@@ -326,7 +329,7 @@ def _stage_part(df, path: str) -> int:
         _check_members(key, members)
     fs, local = url_to_fs(path)
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=STAGE_ROW_GROUP)
     _write_atomic(fs, local, sink.getvalue())
     return table.num_rows
 
@@ -406,12 +409,27 @@ class _HashingWriter:
 
 
 def _read_slice(part: str, start: int, stop: int, only_kept: bool) -> pa.Table:
+    """Rows ``start:stop`` of a staged part (counted among kept rows with ``only_kept``).
+
+    Only the row groups holding those rows are read: a part larger than an output shard is
+    read piecewise by the shards it feeds, not once whole per shard.
+    """
     fs, path = url_to_fs(part)
     with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
-    if only_kept:
-        table = table.filter(pa.compute.fill_null(table.column("kept"), False))
-    return table.slice(start, stop - start)
+        pf = pq.ParquetFile(f)
+        if only_kept:
+            kept = pf.read(columns=["kept"]).column("kept").fill_null(False).to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(kept)[start:stop]
+        else:
+            rows = np.arange(start, stop)
+        if len(rows) == 0:
+            return pf.schema_arrow.empty_table()
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        group_start = np.concatenate([[0], np.cumsum(sizes)])
+        first = int(np.searchsorted(group_start, rows[0], side="right") - 1)
+        last = int(np.searchsorted(group_start, rows[-1], side="right") - 1)
+        table = pf.read_row_groups(list(range(first, last + 1)))
+    return table.take(pa.array(rows - group_start[first]))
 
 
 def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: int) -> list[tuple[str, list[Member]]]:

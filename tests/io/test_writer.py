@@ -235,3 +235,18 @@ def test_member_names_with_spaces_need_rekey_for_the_dali_index(tmp_path):
     result = ic.to_webdataset(ddf, str(tmp_path / "out2"), rekey=True)
     sample = next(iter(wds.WebDataset(str(tmp_path / "out2" / "00000.tar"), shardshuffle=False)))
     assert sample["__key__"] == "000000000" and sample["jpg"] == jpeg_bytes(1) and result.samples == 1
+
+
+def test_shard_tasks_read_only_the_rows_they_need(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"i": np.arange(5000), "kept": np.random.default_rng(0).random(5000) < 0.3})
+    part = tmp_path / "part.parquet"
+    pq.write_table(table, part, row_group_size=writer_module.STAGE_ROW_GROUP)
+    kept = table.filter(table.column("kept"))
+    for start, stop in [(0, 10), (100, 900), (1000, 1500), (1490, 1499)]:
+        got = writer_module._read_slice(str(part), start, stop, only_kept=True)
+        assert got.column("i").to_pylist() == kept.slice(start, stop - start).column("i").to_pylist()
+    for start, stop in [(0, 10), (1000, 3100), (4990, 5000)]:
+        assert writer_module._read_slice(str(part), start, stop, only_kept=False).column("i").to_pylist() == list(range(start, stop))
