@@ -292,10 +292,14 @@ def _curate(args: argparse.Namespace, source) -> int:
     from dask_imgcurator.stages.embed import embed
     from dask_imgcurator.stages.filters import drop_reason, parse_filter
 
+    from dask_imgcurator.models.manage import check_offline_weights
+
     filt = parse_filter(" and ".join(f"({f})" for f in args.filter)) if args.filter else None
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    check_offline_weights(source, heads)
     ddf = read_webdataset(args.shards)
     ddf = embed(
-        ddf, source, heads=[h.strip() for h in args.heads.split(",") if h.strip()], batch_size=args.batch_size,
+        ddf, source, heads=heads, batch_size=args.batch_size,
         precision=args.precision, decoder=args.decoder, max_pixels=args.max_pixels,
     )
     if filt is not None:

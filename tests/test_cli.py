@@ -106,6 +106,7 @@ def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "imgcurator models download --model-dir" in err and "Traceback" not in err
+    assert "dask dashboard" not in err  # refused before any cluster started
 
 
 def test_demo_runs_offline_and_says_scores_are_random(tmp_path, capsys):

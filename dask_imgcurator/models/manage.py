@@ -12,7 +12,7 @@ from pathlib import Path
 from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
 from .heads import head_weights
 from .ref import ClipRef
-from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, search_roots
+from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, search_roots
 
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_HEADS = ("aesthetic", "nsfw")
@@ -104,3 +104,21 @@ def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path) -> N
         rows[kind, name] = ModelRow(kind, name, dim, str(path), "local only")
     else:
         rows[kind, name] = dataclasses.replace(old, location=str(path), embed_dim=old.embed_dim or dim)
+
+
+def check_offline_weights(ref: ClipRef, heads: Sequence[str]) -> None:
+    """Fail now, on the client, when running offline and the weights of ``ref`` or its heads are missing.
+
+    Without this the error would only surface from inside the first worker task, after a cluster
+    started, wrapped in the scheduler's task-failure log. Nothing is downloaded here; online runs and
+    custom heads (built by their own factories) are left to the workers.
+    """
+    if not is_offline(ref.offline):
+        return
+    if ref.kind == "file":
+        clip_info(ref)  # raises when the checkpoint file is missing
+    else:
+        clip_dir(ref)
+    for head in heads:
+        if head in DEFAULT_HEADS:
+            head_weights(head, ref.head_family, **ref.store_kwargs())
