@@ -134,7 +134,7 @@ def _quiet() -> None:
 def child_ceiling(p: dict) -> list[dict]:
     """Encoder alone on ready tensors, as 1 process x all threads or N processes x 1 thread."""
     cores = p["cores"]
-    if p["layout"] == "threads":
+    if p["layout"] in ("threads", "threads_torch"):
         rate = _encode_loop(p, threads=cores)
         return [_ceiling_line(p, rate, procs=1, threads=cores)]
     import multiprocessing as mp
@@ -162,6 +162,7 @@ def _ceiling_line(p: dict, rate: dict, procs: int, threads: int) -> dict:
     return {
         "section": "model_ceiling", "model": p["model"], "precision": p["precision"], "batch_size": p["batch_size"],
         "layout": f"{procs}x{threads}", "processes": procs, "threads_per_process": threads,
+        "onednn": p["layout"] != "threads_torch",
         "images": n, "seconds": round(wall, 3), "images_per_s": round(n / wall, 2),
         "cpu_s": round(rate["cpu"], 2), "images_per_cpu_s": round(n / rate["cpu"], 2) if rate["cpu"] else None,
         "others_cpu": round(rate["others"], 3), "peak_rss_mb": rate["rss"],
@@ -171,11 +172,15 @@ def _ceiling_line(p: dict, rate: dict, procs: int, threads: int) -> dict:
 def _load_encoder(p: dict, threads: int):
     import torch
 
+    import dask
+
     torch.set_num_threads(threads)
     from _models import random_clip_dir
 
     ref = random_clip_dir(p["model_dir"], p["model"])
-    return ref.load("cpu", p["precision"])
+    # "threads_torch": the same encoder on PyTorch's default kernels (before/after of the oneDNN rewrite)
+    with dask.config.set({"imgcurator.models.onednn": p["layout"] != "threads_torch"}):
+        return ref.load("cpu", p["precision"])
 
 
 def _run_batches(model, sizes: list[int], warm: bool = True) -> tuple[Meter, int]:
@@ -607,7 +612,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         for rep in range(repeats):
             for precision in precisions:
                 if "model_ceiling" in sections:
-                    for layout in ("threads", "procs"):
+                    for layout in ("threads", "procs", "threads_torch"):
                         sizes = [min(bs, per_shard - i) for _ in range(n_shards) for i in range(0, per_shard, bs)]
                         p = {**base, "precision": precision, "batches": sizes, "layout": layout}
                         record(("ceiling", name, precision, layout), measure("model_ceiling", p))
@@ -685,6 +690,10 @@ def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None
         r = _ratio(cur, naive)
         emit({"section": "ratio", "ratio": "curate/naive_fp32", "model": name, "precision": precision, **r,
               **_target(r["value"], 1.10 if precision == "fp32" else 1.8)})
+    torch_kernels = rate(("ceiling", name, precision, "threads_torch"))
+    if lay["threads"] and torch_kernels:
+        emit({"section": "ratio", "ratio": "model_ceiling_onednn/model_ceiling_torch_kernels", "model": name,
+              "precision": precision, **_ratio(lay["threads"], torch_kernels)})
     alt = rate(("curate_alt", name, precision))
     if cur and alt:
         emit({"section": "ratio", "ratio": "curate/curate_alt", "model": name, "precision": precision, **_ratio(cur, alt)})

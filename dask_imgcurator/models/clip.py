@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors.torch import save_file
 
 from .cache import get_cached
-from .encoder import LoadedModel, ModelInfo
+from .. import config
+from .encoder import LoadedModel, ModelInfo, OneDnnMismatch
 from .ref import LOCAL_DIR_PREFIX, ClipRef
 from ..decode.preprocess import preprocess_spec_from_open_clip
 from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
@@ -56,6 +58,19 @@ def _check_checkpoint(ref: ClipRef) -> None:
 
 
 def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
+    visual, info = _load_visual(ref)
+    if not config.get("models.onednn"):
+        return LoadedModel(visual, info, device=device, precision=precision)
+    try:
+        return LoadedModel(visual, info, device=device, precision=precision, onednn=True)
+    except OneDnnMismatch as exc:  # a tower our rewrite does not suit: PyTorch's own kernels
+        warnings.warn(f"{exc}; using PyTorch's default CPU kernels", RuntimeWarning, stacklevel=2)
+        visual, info = _load_visual(ref)
+        return LoadedModel(visual, info, device=device, precision=precision)
+
+
+def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
+    """The image tower of ``ref`` on the CPU, and what it needs and gives."""
     _check_checkpoint(ref)
     if ref.kind == "file":
         try:
@@ -71,7 +86,7 @@ def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedMod
         model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
         cfg = _read_config(path)["model_cfg"]
     info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
-    return LoadedModel(model.visual, info, device=device, precision=precision)
+    return model.visual, info
 
 
 def clip_dir(ref: ClipRef) -> Path:

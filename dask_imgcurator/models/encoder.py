@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..decode.base import PreprocessSpec
+from .onednn import use_onednn
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,6 +26,10 @@ class ModelInfo:
     name: str
     embed_dim: int
     preprocess: PreprocessSpec
+
+
+class OneDnnMismatch(RuntimeError):
+    """A module rewritten for oneDNN does not reproduce its own output; load it again without."""
 
 
 class LoadedModel:
@@ -46,6 +54,7 @@ class LoadedModel:
         info: ModelInfo,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        onednn: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -62,6 +71,25 @@ class LoadedModel:
         if is_module:
             forward = forward.eval().requires_grad_(False).to(self.device, self._input_dtype)
         self._forward = forward
+        self.onednn_layers = self._use_onednn() if onednn and on_cpu and is_module else 0
+
+    def _use_onednn(self) -> int:
+        size = self.preprocess.size
+        probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        before = self.encode(probe)
+        replaced = use_onednn(self._forward)
+        if replaced:
+            try:
+                after = self.encode(probe)
+            except Exception as exc:  # noqa: BLE001 - any failure means: not usable for this module
+                raise OneDnnMismatch(f"{self.info.name} fails with oneDNN layers: {exc}") from exc
+            cosine = float((before * after).sum())
+            if not cosine >= 0.999:
+                raise OneDnnMismatch(
+                    f"{self.info.name} with oneDNN layers gives another embedding (cosine {cosine:.4f})"
+                )
+            log.debug("%s: %d layers on oneDNN", self.info.name, replaced)
+        return replaced
 
     @property
     def embed_dim(self) -> int:

@@ -1,0 +1,223 @@
+"""oneDNN-packed layers give what the PyTorch modules they replace give."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import dask
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from dask_imgcurator.models import load_clip, make_tiny_model_dir
+from dask_imgcurator.models import encoder as encoder_module
+from dask_imgcurator.models.encoder import LoadedModel, ModelInfo, OneDnnMismatch
+from dask_imgcurator.models.onednn import PackedAttention, PackedLinear, onednn_available, use_onednn
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16), (1, 16)])
+def test_packed_linear_matches_linear(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24, bias=bias)
+    x = _randn(*shape)
+    packed = PackedLinear.from_linear(linear)
+    torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    fused = PackedLinear.from_linear(linear, "gelu")
+    torch.testing.assert_close(fused(x), nn.functional.gelu(linear(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_bf16_close_to_float() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    x = _randn(8, 64, dtype=torch.bfloat16)
+    out = PackedLinear.from_linear(linear)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), linear(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_packed_linear_rejects_unknown_activation() -> None:
+    with pytest.raises(ValueError, match="activation"):
+        PackedLinear(torch.zeros(2, 2), activation="relu")
+
+
+def _mha(batch_first: bool = True) -> nn.MultiheadAttention:
+    torch.manual_seed(1)
+    return nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+
+
+def _pair(attn: nn.MultiheadAttention, *args, **kwargs):
+    with torch.inference_mode():
+        return attn(*args, **kwargs), PackedAttention(attn)(*args, **kwargs)
+
+
+def _assert_same(expected, got) -> None:
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    if expected[1] is None:
+        assert got[1] is None
+    else:
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("average", [True, False])
+def test_packed_attention_self_attention(need_weights: bool, average: bool) -> None:
+    x = _randn(3, 5, 16)
+    _assert_same(*_pair(_mha(), x, x, x, need_weights=need_weights, average_attn_weights=average))
+
+
+def test_packed_attention_sequence_first_and_unbatched() -> None:
+    x = _randn(5, 3, 16)
+    _assert_same(*_pair(_mha(batch_first=False), x, x, x, need_weights=False))
+    single = _randn(5, 16)
+    _assert_same(*_pair(_mha(), single, single, single))
+    _assert_same(*_pair(_mha(batch_first=False), single, single, single, need_weights=False))
+
+
+def test_packed_attention_cross_attention() -> None:
+    q, kv, v = _randn(2, 3, 16, seed=1), _randn(2, 6, 16, seed=2), _randn(2, 6, 16, seed=3)
+    _assert_same(*_pair(_mha(), q, kv, kv, need_weights=False))
+    _assert_same(*_pair(_mha(), q, kv, v, need_weights=False))
+    _assert_same(*_pair(_mha(), q, kv, v))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_packed_attention_masks(need_weights: bool) -> None:
+    x = _randn(2, 5, 16)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    additive = _randn(5, 5, seed=4)
+    per_head = _randn(2 * 4, 5, 5, seed=5)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    for kwargs in (
+        {"attn_mask": causal},
+        {"attn_mask": additive},
+        {"attn_mask": per_head},
+        {"key_padding_mask": padding},
+        {"attn_mask": causal, "key_padding_mask": padding},
+    ):
+        _assert_same(*_pair(_mha(), x, x, x, need_weights=need_weights, **kwargs))
+
+
+def test_packed_attention_is_causal_equals_causal_mask() -> None:
+    x = _randn(2, 5, 16)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    attn = _mha()
+    with torch.inference_mode():
+        expected = attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+        packed = PackedAttention(attn)
+        for need_weights in (False, True):
+            got = packed(x, x, x, is_causal=True, need_weights=need_weights)[0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_refuses_what_it_cannot_reproduce() -> None:
+    with pytest.raises(ValueError, match="bias_k"):
+        PackedAttention(nn.MultiheadAttention(16, 4, add_bias_kv=True))
+    with pytest.raises(ValueError):
+        PackedAttention(nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.tanh_mlp = nn.Sequential(nn.Linear(16, 16), nn.GELU(approximate="tanh"))
+        self.odd = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+        self.wide = nn.Linear(16, 16).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.odd(x, x, x, need_weights=False)[0]
+        x = x + self.tanh_mlp(x)
+        return self.mlp(x) + self.wide(x.double()).float()
+
+
+def test_use_onednn_rewrites_in_place_and_keeps_results() -> None:
+    torch.manual_seed(2)
+    block = _Block().eval()
+    original = copy.deepcopy(block)
+    x = _randn(3, 5, 16)
+    assert use_onednn(block) == 4  # attn, both mlp linears (first fused with GELU), tanh_mlp's linear
+    assert isinstance(block.attn, PackedAttention)
+    assert isinstance(block.mlp[0], PackedLinear) and block.mlp[0].activation == "gelu"
+    assert isinstance(block.mlp[1], nn.Identity)
+    assert block.tanh_mlp[0].activation == "none" and isinstance(block.tanh_mlp[1], nn.GELU)
+    assert isinstance(block.odd, nn.MultiheadAttention)  # bias_k: left alone
+    assert isinstance(block.wide, nn.Linear)  # float64: left alone
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_open_clip_vit_unchanged_by_onednn() -> None:
+    """A real open_clip ViT (small config): same embeddings through the rewritten tower."""
+    torch.manual_seed(3)
+    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    original = copy.deepcopy(visual)
+    replaced = use_onednn(visual)
+    assert replaced == 12 * 3  # per block: attention, c_fc (GELU fused), c_proj
+    x = _randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        a, b = original(x), visual(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_loaded_clip_uses_onednn_by_default_and_can_opt_out(tmp_path: Path) -> None:
+    ref = make_tiny_model_dir(tmp_path / "m")
+    fast = load_clip(ref)
+    assert fast.onednn_layers > 0
+    with dask.config.set({"imgcurator.models.onednn": False}):
+        plain = load_clip(make_tiny_model_dir(tmp_path / "m2"))
+    assert plain.onednn_layers == 0
+    x = _randn(4, 3, 32, 32)
+    torch.testing.assert_close(fast.encode(x), plain.encode(x), rtol=1e-4, atol=1e-5)
+    bf16 = load_clip(ref, precision="bf16")
+    assert bf16.onednn_layers > 0
+    cosine = (bf16.encode(x) * plain.encode(x)).sum(dim=1)
+    assert cosine.min() > 0.99
+
+
+class _ReadsItsWeight(nn.Module):
+    """A module that uses its Linear's weight directly: the rewrite must not be kept for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.proj.weight.T
+
+
+def test_loaded_model_probe_catches_a_module_the_rewrite_breaks() -> None:
+    from dask_imgcurator.decode.base import PreprocessSpec
+
+    info = ModelInfo("reads-weight", 4, PreprocessSpec(size=8))
+    with pytest.raises(OneDnnMismatch, match="fails with oneDNN"):
+        LoadedModel(_ReadsItsWeight(), info, onednn=True)
+    assert LoadedModel(_ReadsItsWeight(), info).onednn_layers == 0
+
+
+def test_load_clip_falls_back_when_the_probe_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def corrupting(module: nn.Module) -> int:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(-1.0)
+        return 1
+
+    monkeypatch.setattr(encoder_module, "use_onednn", corrupting)
+    ref = make_tiny_model_dir(tmp_path / "m")
+    with pytest.warns(RuntimeWarning, match="another embedding"):
+        model = load_clip(ref)
+    assert model.onednn_layers == 0
+    with dask.config.set({"imgcurator.models.onednn": False}):
+        plain = load_clip(make_tiny_model_dir(tmp_path / "m2"))
+    x = _randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.encode(x), plain.encode(x))
