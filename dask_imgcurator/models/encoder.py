@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,9 @@ class LoadedModel:
         if is_module:
             forward = forward.eval().requires_grad_(False).to(self.device, self._input_dtype)
         self._forward = forward
+        # one batch at a time: concurrent tasks of a worker overlap their reading, decoding and writing
+        # with each other's model runs, while the model itself keeps all of torch's threads
+        self._lock = threading.Lock()
         self.onednn_layers = self._use_onednn() if onednn and on_cpu and is_module else 0
 
     def _use_onednn(self) -> int:
@@ -122,7 +126,7 @@ class LoadedModel:
         if len(pixels) == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
         x = pixels.to(self.device, self._input_dtype, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
+        with self._lock, torch.inference_mode(), self._autocast():
             out = self._forward(x)
             if isinstance(out, tuple):  # towers that also return tokens
                 out = out[0]

@@ -137,7 +137,8 @@ def embed_partition(df, config: EmbedConfig):
     errors = frame["error"].astype(object).where(frame["error"].notna(), None).tolist()
     has_embedding = np.zeros(n, dtype=bool)
 
-    for rows, batch in _decoded_batches(frame, todo, decoder, batch_size):
+    prefetch = torch.device(device).type != "cpu"
+    for rows, batch in _decoded_batches(frame, todo, decoder, batch_size, prefetch):
         width[rows], height[rows] = batch.width, batch.height
         ok_rows = rows[batch.ok]
         for row, err in zip(rows, batch.errors):
@@ -163,9 +164,16 @@ def embed_partition(df, config: EmbedConfig):
 
 
 def _decoded_batches(
-    frame: pd.DataFrame, todo: np.ndarray, decoder, batch_size: int
+    frame: pd.DataFrame, todo: np.ndarray, decoder, batch_size: int, prefetch: bool
 ) -> Iterator[tuple[np.ndarray, DecodedBatch]]:
-    """Read and decode batches in a background thread, one batch ahead of the model."""
+    """Read and decode batches; with ``prefetch`` in a background thread, one batch ahead of the model.
+
+    Prefetching pays where the model runs on another device (GPU). On the CPU, decoding and the
+    model share the same cores: decoding between model batches, with DALI on all the worker's
+    torch threads, measured faster (ViT-B-32 fp32, 2 cores: 0.918 of the model's own speed against
+    0.881 with decoding one batch ahead), since a decode thread that preempts one of torch's
+    threads stalls the others at the next synchronisation.
+    """
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     if not batches:
         return
@@ -173,6 +181,10 @@ def _decoded_batches(
     def load(rows: np.ndarray) -> DecodedBatch:
         return decoder.decode(_read_images(frame, rows))
 
+    if not prefetch:
+        for rows in batches:
+            yield rows, load(rows)
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcurator-decode") as pool:
         pending = pool.submit(load, batches[0])
         for i, rows in enumerate(batches):
@@ -233,6 +245,8 @@ def _cached_decoder(spec, backend: str, device: str):
     Keyed by the calling thread: each concurrently running task gets its own, used by one decode at a time.
     """
     dali_device = "gpu" if torch.device(device).type == "cuda" else "cpu"
-    key = ("decoder", spec, backend, dali_device, threading.get_ident())
-    return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device))
+    # on the CPU, DALI decodes between model batches: give it the cores torch has
+    options = {"num_threads": max(1, torch.get_num_threads())} if dali_device == "cpu" and backend != "pillow" else {}
+    key = ("decoder", spec, backend, dali_device, threading.get_ident(), tuple(options.items()))
+    return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device, **options))
 

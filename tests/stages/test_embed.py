@@ -91,6 +91,28 @@ def test_each_image_is_decoded_once(colour_shards, monkeypatch):
     clear_cache()
 
 
+def test_prefetching_and_foreground_decoding_give_the_same_batches(colour_shards):
+    """The GPU path decodes one batch ahead in a thread, the CPU path between batches: same output."""
+    frame = ic.read_webdataset(str(colour_shards / "c-0.tar")).compute()
+    todo = np.arange(len(frame))[::-1].copy()
+    decoder = embed_module.make_decoder(SPEC, backend="pillow")
+    runs = [list(embed_module._decoded_batches(frame, todo, decoder, 3, prefetch)) for prefetch in (False, True)]
+    assert [len(rows) for rows, _ in runs[0]] == [3, 3, 1]
+    for (rows_a, a), (rows_b, b) in zip(*runs, strict=True):
+        np.testing.assert_array_equal(rows_a, rows_b)
+        assert torch.equal(a.pixels, b.pixels) and a.errors == b.errors
+
+
+def test_cpu_dali_decoder_gets_the_torch_threads(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    clear_cache()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    decoder = embed_module._cached_decoder(SPEC, "dali", "cpu")
+    assert decoder.num_threads == 3
+    assert embed_module._cached_decoder(SPEC, "pillow", "cpu").name == "pillow"
+    clear_cache()
+
+
 def test_dask_result_equals_the_partition_function_on_all_rows(tmp_path):
     ic.make_demo_shards(str(tmp_path / "in"), n_shards=3, samples_per_shard=5)
     ref = make_tiny_model_dir(tmp_path / "models")
