@@ -81,7 +81,10 @@ class LoadedModel:
         size = self.preprocess.size
         probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         before = self.encode(probe)
-        replaced = use_onednn(self._forward)
+        try:
+            replaced = use_onednn(self._forward)
+        except RuntimeError as exc:  # a kernel this CPU lacks: the caller reloads the module unrewritten
+            raise OneDnnMismatch(f"{self.info.name} cannot use oneDNN layers here: {exc}") from exc
         if replaced:
             try:
                 after = self.encode(probe)
@@ -94,6 +97,15 @@ class LoadedModel:
                 )
             log.debug("%s: %d layers on oneDNN", self.info.name, replaced)
         return replaced
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # locks do not pickle; each copy guards its own model
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def embed_dim(self) -> int:

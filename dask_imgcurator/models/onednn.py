@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedAttention", "PackedLinear", "onednn_available", "use_onednn"]
-
-_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+__all__ = ["PackedAttention", "PackedLinear", "onednn_available", "onednn_dtypes", "use_onednn"]
 
 
 def onednn_available() -> bool:
@@ -34,6 +32,19 @@ def onednn_available() -> bool:
         and hasattr(ops, "_linear_pointwise")
         and hasattr(ops, "_reorder_linear_weight")
     )
+
+
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes whose linear layers :func:`use_onednn` packs on this CPU.
+
+    float32 always; bfloat16 only where oneDNN has bf16 kernels for the CPU (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT on x86), elsewhere bf16 layers keep PyTorch's own kernels.
+    """
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -68,6 +79,16 @@ class PackedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "PackedLinear":
         """Pack an ``nn.Linear`` (its weights are copied; the original can be dropped)."""
         return cls(linear.weight, linear.bias, activation)
+
+    def __getstate__(self) -> dict:
+        # oneDNN tensors have no storage to pickle: ship the weight in its plain layout, repack on arrival
+        state = self.__dict__.copy()
+        state["packed_weight"] = self.packed_weight.to_dense()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state, packed_weight=_pack(state["packed_weight"]))
+        super().__setstate__(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         algorithm = "none" if self.activation == "gelu" else ""
@@ -232,4 +253,4 @@ def _replace_children(parent: nn.Module) -> int:
 
 
 def _packable(weight: torch.Tensor | None) -> bool:
-    return weight is not None and weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES
+    return weight is not None and weight.device.type == "cpu" and weight.dtype in onednn_dtypes()

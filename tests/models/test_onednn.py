@@ -14,9 +14,14 @@ from torch import nn
 from dask_imgcurator.models import load_clip, make_tiny_model_dir
 from dask_imgcurator.models import encoder as encoder_module
 from dask_imgcurator.models.encoder import LoadedModel, ModelInfo, OneDnnMismatch
-from dask_imgcurator.models.onednn import PackedAttention, PackedLinear, onednn_available, use_onednn
+from dask_imgcurator.models.onednn import (
+    PackedAttention, PackedLinear, onednn_available, onednn_dtypes, use_onednn,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+needs_bf16_kernels = pytest.mark.skipif(
+    torch.bfloat16 not in onednn_dtypes(), reason="this CPU has no oneDNN bf16 kernels (needs AVX-512 BW/VL/DQ)"
+)
 
 
 def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -35,6 +40,7 @@ def test_packed_linear_matches_linear(bias: bool, shape: tuple[int, ...]) -> Non
     torch.testing.assert_close(fused(x), nn.functional.gelu(linear(x)), rtol=1e-5, atol=1e-5)
 
 
+@needs_bf16_kernels
 def test_packed_linear_bf16_close_to_float() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 32).to(torch.bfloat16)
@@ -180,7 +186,7 @@ def test_loaded_clip_uses_onednn_by_default_and_can_opt_out(tmp_path: Path) -> N
     x = _randn(4, 3, 32, 32)
     torch.testing.assert_close(fast.encode(x), plain.encode(x), rtol=1e-4, atol=1e-5)
     bf16 = load_clip(ref, precision="bf16")
-    assert bf16.onednn_layers > 0
+    assert (bf16.onednn_layers > 0) == (torch.bfloat16 in onednn_dtypes())
     cosine = (bf16.encode(x) * plain.encode(x)).sum(dim=1)
     assert cosine.min() > 0.99
 
@@ -221,3 +227,35 @@ def test_load_clip_falls_back_when_the_probe_disagrees(tmp_path: Path, monkeypat
         plain = load_clip(make_tiny_model_dir(tmp_path / "m2"))
     x = _randn(2, 3, 32, 32)
     torch.testing.assert_close(model.encode(x), plain.encode(x))
+
+
+def test_bf16_layers_are_left_alone_on_cpus_without_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dask_imgcurator.models import onednn
+
+    monkeypatch.setattr(onednn, "onednn_dtypes", lambda: (torch.float32,))
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).to(torch.bfloat16)
+    assert use_onednn(model) == 0 and isinstance(model[0], nn.Linear)
+    assert use_onednn(model.float()) == 1 and isinstance(model[0], PackedLinear)
+
+
+def test_load_clip_falls_back_when_a_kernel_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing_kernel(module: nn.Module) -> int:
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(encoder_module, "use_onednn", missing_kernel)
+    with pytest.warns(RuntimeWarning, match="cannot use oneDNN layers here: .*avx512bw"):
+        model = load_clip(make_tiny_model_dir(tmp_path / "m"))
+    assert model.onednn_layers == 0 and model.encode(_randn(1, 3, 32, 32)).shape == (1, model.embed_dim)
+
+
+def test_a_loaded_model_with_packed_layers_pickles(tmp_path: Path) -> None:
+    """Dask ships models between processes (``client.run`` results, user closures): packed weights travel plain."""
+    import pickle
+
+    model = load_clip(make_tiny_model_dir(tmp_path / "m"))
+    assert model.onednn_layers > 0
+    copied = pickle.loads(pickle.dumps(model))
+    assert copied.onednn_layers == model.onednn_layers
+    assert isinstance(copied._forward.transformer.resblocks[0].attn, PackedAttention)
+    x = _randn(3, 3, 32, 32)
+    torch.testing.assert_close(copied.encode(x), model.encode(x))

@@ -135,7 +135,7 @@ def test_heads_match_a_direct_torch_computation(tmp_path):
     ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=6)
     ref = make_tiny_model_dir(tmp_path / "models")
     out = embed(ic.read_webdataset(str(tmp_path / "in")), ref, decoder="pillow").compute()
-    emb = torch.from_numpy(embedding_matrix(out["embedding"]))
+    emb = torch.from_numpy(embedding_matrix(out["embedding"]).copy())
     assert torch.allclose(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-5)
     from safetensors.torch import load_file
 
