@@ -190,7 +190,7 @@ def test_gpus_with_dask_cuda_give_a_local_cuda_cluster_with_rmm_pool_for_torch(m
     assert made["threads_per_worker"] == 1 and "n_workers" not in made   # dask-cuda: one per visible GPU
     assert made["rmm_pool_size"] == 0.5 and made["rmm_allocator_external_lib_list"] == ["torch"]
     assert made["dashboard_address"] == ":0"
-    assert [type(p) for p in registered] == [cl.TorchThreads]
+    assert [type(p) for p in registered] == [cl.TorchThreads, cl.StopWorkerProfiler]
     assert registered[0].threads == max(1, cl._usable_cores() // 2)
 
     made.clear()
@@ -335,3 +335,15 @@ def test_pipeline_runs_in_a_users_running_client_beside_unrelated_work(demo, tmp
         assert ran_on <= set(client.scheduler_info()["workers"]) and stream.data
     assert summary.balanced and summary.samples_in == 18
     assert_same_output(tmp_path / "dist", tmp_path / "local")
+
+
+def _has_profiler(dask_worker) -> bool:
+    return "profile" in dask_worker.periodic_callbacks and "profile-cycle" in dask_worker.periodic_callbacks
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_local_cluster_workers_run_without_dask_profiler_unless_asked(profile):
+    with dask.config.set({"imgcurator.cluster.worker-profile": profile}):
+        with cl.local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
+            assert list(client.run(_has_profiler).values()) == [profile]
+            assert client.submit(sum, [1, 2]).result() == 3
