@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from .cache import get_cached
 from .. import config
 from .encoder import LoadedModel, ModelInfo, OneDnnMismatch
+from .onednn import onednn_wanted
 from .ref import LOCAL_DIR_PREFIX, ClipRef
 from ..decode.preprocess import preprocess_spec_from_open_clip
 from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
@@ -59,7 +60,7 @@ def _check_checkpoint(ref: ClipRef) -> None:
 
 def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
     visual, info = _load_visual(ref)
-    if not config.get("models.onednn"):
+    if not onednn_wanted(config.get("models.onednn")):
         return LoadedModel(visual, info, device=device, precision=precision)
     try:
         return LoadedModel(visual, info, device=device, precision=precision, onednn=True)

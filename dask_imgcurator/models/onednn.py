@@ -8,9 +8,10 @@ every ``nn.Linear`` becomes a :class:`PackedLinear` (an exact ``nn.GELU`` right 
 :class:`PackedAttention` (packed input/output projections, ``scaled_dot_product_attention`` in between).
 Results equal the original modules' up to float rounding (the tests compare them).
 
-Measured on the benchmark machine (2-core AMD EPYC, fp32): GEMMs of CLIP ViT-B-32's shapes ran at
-190 GFLOP/s through MKL and 210 through packed oneDNN; the whole encoder gained about 8% from the
-MLP layers alone (``benchmarks/README.md`` has the end-to-end figures).
+Measured on 2-core AMD EPYCs, fp32: on an AVX-512 one (Zen 5) GEMMs of CLIP ViT-B-32's shapes ran
+at 190 GFLOP/s through MKL and 210 through packed oneDNN, and the whole encoder x1.21-1.25; on an
+AVX2-only one the packed encoder ran at x0.84. Hence the ``auto`` setting (:func:`onednn_wanted`);
+``benchmarks/README.md`` has the end-to-end figures.
 """
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedAttention", "PackedLinear", "onednn_available", "onednn_dtypes", "use_onednn"]
+__all__ = [
+    "PackedAttention", "PackedLinear", "onednn_available", "onednn_dtypes", "onednn_wanted", "use_onednn",
+]
+
+#: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) where the packed layers beat
+#: PyTorch's defaults. Measured, ViT-B-32 fp32 encoder on 2 cores: x1.21-1.25 on AVX-512 (Zen 5),
+#: x0.84 on AVX2 (an older EPYC); MKL's GEMM stays ahead where oneDNN has no AVX-512 kernels.
+FASTER_ON = ("AVX512",)
 
 
 def onednn_available() -> bool:
@@ -32,6 +40,22 @@ def onednn_available() -> bool:
         and hasattr(ops, "_linear_pointwise")
         and hasattr(ops, "_reorder_linear_weight")
     )
+
+
+def onednn_wanted(setting: bool | str = "auto") -> bool:
+    """Whether CPU models should get the packed layers, for the ``imgcurator.models.onednn`` setting.
+
+    Parameters
+    ----------
+    setting : {"auto", True, False}
+        ``"auto"``: where this PyTorch has the kernels and the CPU is one they were measured faster
+        on (:data:`FASTER_ON`); True: wherever PyTorch has the kernels; False: never.
+    """
+    if isinstance(setting, str) and setting.lower() == "auto":
+        return onednn_available() and torch.backends.cpu.get_cpu_capability() in FASTER_ON
+    if isinstance(setting, bool):
+        return setting and onednn_available()
+    raise ValueError(f"imgcurator.models.onednn must be auto, true or false, not {setting!r}")
 
 
 def onednn_dtypes() -> tuple[torch.dtype, ...]:

@@ -14,14 +14,22 @@ from torch import nn
 from dask_imgcurator.models import load_clip, make_tiny_model_dir
 from dask_imgcurator.models import encoder as encoder_module
 from dask_imgcurator.models.encoder import LoadedModel, ModelInfo, OneDnnMismatch
+from dask_imgcurator.models import onednn
 from dask_imgcurator.models.onednn import (
-    PackedAttention, PackedLinear, onednn_available, onednn_dtypes, use_onednn,
+    PackedAttention, PackedLinear, onednn_available, onednn_dtypes, onednn_wanted, use_onednn,
 )
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 needs_bf16_kernels = pytest.mark.skipif(
     torch.bfloat16 not in onednn_dtypes(), reason="this CPU has no oneDNN bf16 kernels (needs AVX-512 BW/VL/DQ)"
 )
+
+
+@pytest.fixture
+def onednn_on():
+    """Packed layers whatever this CPU is (``auto`` leaves them off where they are slower)."""
+    with dask.config.set({"imgcurator.models.onednn": True}):
+        yield
 
 
 def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -176,7 +184,20 @@ def test_open_clip_vit_unchanged_by_onednn() -> None:
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_loaded_clip_uses_onednn_by_default_and_can_opt_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("capability, packed", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_auto_packs_only_on_cpus_where_it_is_faster(capability, packed, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert onednn_wanted("auto") is packed and onednn_wanted(True) and not onednn_wanted(False)
+    assert dask.config.get("imgcurator.models.onednn") == "auto"  # the shipped default
+    assert (load_clip(make_tiny_model_dir(tmp_path / "m")).onednn_layers > 0) is packed
+
+
+def test_onednn_setting_must_be_auto_or_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="auto, true or false, not 'fast'"):
+        onednn_wanted("fast")
+
+
+def test_loaded_clip_packed_equals_plain_and_can_opt_out(tmp_path: Path, onednn_on) -> None:
     ref = make_tiny_model_dir(tmp_path / "m")
     fast = load_clip(ref)
     assert fast.onednn_layers > 0
@@ -211,7 +232,7 @@ def test_loaded_model_probe_catches_a_module_the_rewrite_breaks() -> None:
     assert LoadedModel(_ReadsItsWeight(), info).onednn_layers == 0
 
 
-def test_load_clip_falls_back_when_the_probe_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_clip_falls_back_when_the_probe_disagrees(tmp_path: Path, monkeypatch, onednn_on) -> None:
     def corrupting(module: nn.Module) -> int:
         with torch.no_grad():
             for p in module.parameters():
@@ -230,15 +251,13 @@ def test_load_clip_falls_back_when_the_probe_disagrees(tmp_path: Path, monkeypat
 
 
 def test_bf16_layers_are_left_alone_on_cpus_without_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dask_imgcurator.models import onednn
-
     monkeypatch.setattr(onednn, "onednn_dtypes", lambda: (torch.float32,))
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).to(torch.bfloat16)
     assert use_onednn(model) == 0 and isinstance(model[0], nn.Linear)
     assert use_onednn(model.float()) == 1 and isinstance(model[0], PackedLinear)
 
 
-def test_load_clip_falls_back_when_a_kernel_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_clip_falls_back_when_a_kernel_is_missing(tmp_path: Path, monkeypatch, onednn_on) -> None:
     def missing_kernel(module: nn.Module) -> int:
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
 
@@ -248,7 +267,7 @@ def test_load_clip_falls_back_when_a_kernel_is_missing(tmp_path: Path, monkeypat
     assert model.onednn_layers == 0 and model.encode(_randn(1, 3, 32, 32)).shape == (1, model.embed_dim)
 
 
-def test_a_loaded_model_with_packed_layers_pickles(tmp_path: Path) -> None:
+def test_a_loaded_model_with_packed_layers_pickles(tmp_path: Path, onednn_on) -> None:
     """Dask ships models between processes (``client.run`` results, user closures): packed weights travel plain."""
     import pickle
 
@@ -259,3 +278,19 @@ def test_a_loaded_model_with_packed_layers_pickles(tmp_path: Path) -> None:
     assert isinstance(copied._forward.transformer.resblocks[0].attn, PackedAttention)
     x = _randn(3, 3, 32, 32)
     torch.testing.assert_close(copied.encode(x), model.encode(x))
+
+
+@pytest.mark.parametrize("dtypes, warns", [((torch.float32,), True), ((torch.float32, torch.bfloat16), False)])
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_that_it_is_slow(dtypes, warns, monkeypatch) -> None:
+    import warnings
+
+    from dask_imgcurator.decode.base import PreprocessSpec
+
+    monkeypatch.setattr(encoder_module, "onednn_dtypes", lambda: dtypes)
+    info = ModelInfo("tower", 4, PreprocessSpec(size=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoadedModel(_ReadsItsWeight(), info, precision="bf16")
+        LoadedModel(_ReadsItsWeight(), info, precision="fp32")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == warns and all("tower: precision 'bf16' on a CPU without bf16 kernels" in m for m in messages)
