@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
 from dask_imgcurator.decode import DecodedBatch, make_decoder
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.shards import read_ranges
+from dask_imgcurator.malloc import tune_malloc
 from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
 from dask_imgcurator.models.cache import get_cached
 from dask_imgcurator.schema import embedding_dtype, embedding_series
@@ -115,7 +115,7 @@ def embed(
 
 def embed_partition(df, config: EmbedConfig):
     """Embed one partition (pandas, or cuDF converted through host memory); see :func:`embed`."""
-    _tune_malloc()
+    tune_malloc()
     frame = to_pandas(df)
     device = worker_device() if config.device == "auto" else config.device
     model = config.model.load(device, config.precision)
@@ -206,49 +206,6 @@ def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
         for i, blob in zip(where, data):
             out[i] = blob
     return out
-
-
-_MALLOC_TUNED: list[bool] = []
-#: glibc's own ceilings for its adaptive thresholds on 64-bit: DEFAULT_MMAP_THRESHOLD_MAX, and twice
-#: that for trimming (glibc raises the trim threshold to twice the mmap threshold as it adapts).
-_MMAP_THRESHOLD = 32 << 20
-_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _tune_malloc() -> None:
-    """Once per process: give back glibc's adaptive malloc thresholds where a malloc env var removed them.
-
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and setting any malloc threshold turns
-    off glibc's adaptive thresholds: every buffer over 128 KiB is then mmapped when allocated and
-    unmapped when freed, and the top of the heap goes back to the OS as soon as 64 KiB of it are free.
-    Each model batch and each decoded batch then page-faults its buffers afresh. Measured, ViT-B-32
-    fp32 on 2 cores: the mmap threshold alone took the encoder in a worker from 17 to 22 images/s
-    (Zen 5); raising the trim threshold too took the model from 56.6 to 52.6 ms and DALI's decode from
-    5.8 to 4.8 ms per image (AVX2 EPYC). The values set are glibc's adaptive maxima, so a worker keeps
-    at most 64 MiB of freed heap for reuse. Left alone when the user set ``MALLOC_MMAP_THRESHOLD_``,
-    when no malloc variable is set, and outside glibc; a larger trim threshold already set is kept.
-    """
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED.append(True)
-    tuned = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not any(v in os.environ for v in tuned):
-        return
-    try:
-        trim = min(max(_TRIM_THRESHOLD, int(os.environ.get("MALLOC_TRIM_THRESHOLD_", "0"))), 2**31 - 1)
-    except ValueError:
-        trim = _TRIM_THRESHOLD
-    try:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            libc = ctypes.CDLL(None)
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, trim)
-    except (OSError, AttributeError):  # not glibc after all: nothing to undo
-        pass
 
 
 def _cached_decoder(spec, backend: str, device: str):

@@ -11,11 +11,11 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 
-# Allocate, touch and free a 16 MiB buffer before and after _tune_malloc: was it mmapped, and did
+# Allocate, touch and free a 16 MiB buffer before and after tune_malloc: was it mmapped, and did
 # its pages stay in the heap after free?
 _PROBE = r"""
 import ctypes, json
-from dask_imgcurator.stages import embed
+from dask_imgcurator.malloc import tune_malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -35,7 +35,7 @@ def probe():
     return {"mmapped": mmapped, "kept_after_free": libc.mallinfo2().fordblks >= SIZE}
 
 before = probe()
-embed._tune_malloc()
+tune_malloc()
 print(json.dumps({"before": before, "after": probe()}))
 """
 
@@ -64,6 +64,16 @@ class _RecordingLibc:
         return 1
 
 
+@pytest.fixture
+def fresh_tune_malloc():
+    """``tune_malloc`` as if this process had not run it yet (and left so afterwards)."""
+    from dask_imgcurator.malloc import tune_malloc
+
+    tune_malloc.cache_clear()
+    yield tune_malloc
+    tune_malloc.cache_clear()
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"MALLOC_TRIM_THRESHOLD_": "65536"}, [(-3, 32 << 20), (-1, 64 << 20)]),
     ({"MALLOC_TRIM_THRESHOLD_": str(1 << 30)}, [(-3, 32 << 20), (-1, 1 << 30)]),  # a larger one is kept
@@ -71,10 +81,8 @@ class _RecordingLibc:
     ({}, []),  # glibc adapts by itself
     ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}, []),  # the user's own choice
 ], ids=["dask-worker", "larger-trim", "unparsable", "no-malloc-env", "users-mmap-threshold"])
-def test_which_thresholds_are_set(env, expected, monkeypatch):
+def test_which_thresholds_are_set(env, expected, monkeypatch, fresh_tune_malloc):
     import ctypes
-
-    from dask_imgcurator.stages import embed
 
     for name in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
@@ -82,7 +90,6 @@ def test_which_thresholds_are_set(env, expected, monkeypatch):
         monkeypatch.setenv(name, value)
     calls: list = []
     monkeypatch.setattr(ctypes, "CDLL", lambda _: _RecordingLibc(calls))
-    monkeypatch.setattr(embed, "_MALLOC_TUNED", [])
-    embed._tune_malloc()
-    embed._tune_malloc()  # once per process
+    fresh_tune_malloc()
+    fresh_tune_malloc()  # once per process
     assert calls == expected
