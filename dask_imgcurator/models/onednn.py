@@ -15,6 +15,7 @@ AVX2-only one the packed encoder ran at x0.84. Hence the ``auto`` setting (:func
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,6 +59,7 @@ def onednn_wanted(setting: bool | str = "auto") -> bool:
     raise ValueError(f"imgcurator.models.onednn must be auto, true or false, not {setting!r}")
 
 
+@functools.cache
 def onednn_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes whose linear layers :func:`use_onednn` packs on this CPU.
 

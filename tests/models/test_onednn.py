@@ -192,7 +192,7 @@ def test_auto_packs_only_on_cpus_where_it_is_faster(capability, packed, tmp_path
     assert (load_clip(make_tiny_model_dir(tmp_path / "m")).onednn_layers > 0) is packed
 
 
-def test_onednn_setting_must_be_auto_or_a_bool(tmp_path: Path) -> None:
+def test_onednn_setting_must_be_auto_or_a_bool() -> None:
     with pytest.raises(ValueError, match="auto, true or false, not 'fast'"):
         onednn_wanted("fast")
 
