@@ -78,6 +78,11 @@ class StopWorkerProfiler(WorkerPlugin):
     workers that run a model on all their cores that costs throughput (ViT-B-32 fp32 on 2 cores:
     embed at 0.84 of the model's own speed with it, 0.88 without). Used by the clusters this
     package starts unless ``imgcurator.cluster.worker-profile`` is true; a user's cluster is left alone.
+
+    dask's own switch, ``distributed.worker.profile.enabled``, is read by each worker process from
+    its config: nannies overwrite it with the client's config, SLURM jobs never see the client's,
+    so a plugin (which also reaches workers added later by ``adapt``) is the one way that works for
+    every cluster kind here.
     """
 
     name = "imgcurator-stop-worker-profiler"
