@@ -174,7 +174,7 @@ def _count(parts: list[str], progress: bool) -> CurationSummary:
     count = dask.delayed(_count_part, pure=True)
     totals = CurationSummary()
     filtered, failed = Counter(), Counter()
-    for n_in, n_kept, part_filtered, part_failed in run_tasks([count(p) for p in parts], "count", progress):
+    for n_in, n_kept, part_filtered, part_failed in run_tasks([count(p) for p in parts], "accounting", progress, unit="part"):
         totals.samples_in += n_in
         totals.kept += n_kept
         filtered.update(part_filtered)

@@ -18,7 +18,7 @@ def active_client():
         return None
 
 
-def run_tasks(tasks: Sequence[Any], desc: str, progress: bool = False) -> list[Any]:
+def run_tasks(tasks: Sequence[Any], desc: str, progress: bool = False, unit: str = "task") -> list[Any]:
     """Compute dask delayed objects and return their results in order.
 
     With a distributed client the tasks run as futures on it; otherwise on the local scheduler.
@@ -27,7 +27,7 @@ def run_tasks(tasks: Sequence[Any], desc: str, progress: bool = False) -> list[A
     if not tasks:
         return []
     client = active_client()
-    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, leave=True)
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=not progress, leave=True)
     try:
         if client is not None:
             from distributed import as_completed

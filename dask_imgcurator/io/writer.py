@@ -167,7 +167,7 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
         parts = ddf.to_delayed()
         stage = dask.delayed(_stage_part, pure=True)
         tasks = [stage(parts[i], full_url(fs, paths[i]), dask_key_name=f"stage-part-{i}-{tokenize(ddf, i)}") for i in todo]
-        run_tasks(tasks, "stage", progress)
+        run_tasks(tasks, "input shards", progress, unit="shard")
     return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
 
 
@@ -207,7 +207,7 @@ def write_shards(
         key_prefix = name[-5:] if rekey else None
         tasks.append((j, write(job, full_url(fs, root), name, key_prefix, index_width, only_kept,
                                dask_key_name=f"write-shard-{name}-{tokenize(job, out_dir, rekey)}")))
-    for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "write shards", progress)):
+    for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "output shards", progress, unit="shard")):
         records[j] = record
     shards = [records[j] for j in range(len(plan))]
     return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, skipped)
