@@ -79,6 +79,20 @@ def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
     assert emb.shape == (len(written), 32)
 
 
+def test_no_draft_is_passed_to_embed(demo_input, tmp_path, capsys, monkeypatch):
+    from dask_imgcurator.stages import embed as embed_module
+
+    root, ref = demo_input
+    seen = []
+    real = embed_module.embed
+    monkeypatch.setattr(embed_module, "embed", lambda *a, **kw: seen.append(kw["draft"]) or real(*a, **kw))
+    base = ["curate", str(root / "in"), "--model", f"{ref.name}/{ref.pretrained}", "--model-dir", ref.model_dir,
+            "--offline", "--workers", "1", "--decoder", "pillow"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-draft"]) == 0
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize(
     "argv, phrase",
     [

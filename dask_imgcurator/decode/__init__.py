@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-_PILLOW_OPTIONS = ("draft",)
+_PILLOW_OPTIONS = ("draft", "num_threads")
 
 
 def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu", **kw: Any) -> Decoder:
@@ -39,8 +39,8 @@ def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu
     device : {"cpu", "gpu"}
         For DALI: "gpu" decodes on the GPU ("mixed" backend). Pillow always runs on the CPU.
     **kw
-        Passed to the decoder class (``draft`` for Pillow; ``device_id``, ``num_threads``,
-        ``batch_size`` for DALI).
+        Passed to the decoder class (``draft`` and ``num_threads`` for both; ``device_id``,
+        ``batch_size`` and ``max_batch_pixels`` for DALI).
 
     Returns
     -------

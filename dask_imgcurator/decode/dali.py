@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpec
-from dask_imgcurator.decode.pillow import PillowDecoder
+from dask_imgcurator.decode.pillow import PillowDecoder, draft_reduces
 from dask_imgcurator.decode.preprocess import crop_box
 from dask_imgcurator.decode.probe import ImageInfo, probe_image
 
@@ -69,6 +69,9 @@ class DaliDecoder:
     :class:`PillowDecoder` does are decoded by one, as are images DALI fails on (their error,
     if Pillow fails too, names both). Results come back in input order.
 
+    On the CPU, JPEGs large enough for a reduced-scale decode (shorter side at least 4x the
+    output, see ``draft``) go to Pillow's draft mode, which DALI's CPU decoder does not have.
+
     The resize covers only the region the center crop keeps (see :func:`crop_box`), which
     reproduces torchvision's Resize + CenterCrop geometry exactly. EXIF orientation is not
     applied, as in open_clip and :class:`PillowDecoder`.
@@ -91,6 +94,12 @@ class DaliDecoder:
     max_batch_pixels : int
         Largest total of pixels (width x height, read from the headers) in one pipeline run, so
         that a batch of very large images does not hold them all decoded at once (3 bytes each).
+    draft : bool
+        Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through Pillow's
+        draft mode, on ``num_threads`` threads) while their shorter side stays at least twice the
+        output: on the CPU such JPEGs skip DALI, which always decodes and resizes the full
+        image (1.7x faster on photos of 900+ px, pixels within 0.09 of open_clip's). On the GPU
+        it only affects JPEGs that Pillow decodes anyway (CMYK, DALI failures).
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class DaliDecoder:
         num_threads: int = 2,
         batch_size: int = 64,
         max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+        draft: bool = True,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -110,8 +120,10 @@ class DaliDecoder:
         self.num_threads = num_threads
         self.batch_size = batch_size
         self.max_batch_pixels = max_batch_pixels
+        self.draft = draft
         self.name = "dali-mixed" if device == "gpu" else "dali-cpu"
-        self._pillow = PillowDecoder(spec, draft=False)  # also validates spec.interpolation
+        # also validates spec.interpolation
+        self._pillow = PillowDecoder(spec, draft=draft, num_threads=num_threads if device == "cpu" else 1)
         self._pipe: Any = None
 
     @property
@@ -146,7 +158,7 @@ class DaliDecoder:
                 errors[i], width[i], height[i] = str(exc), exc.width, exc.height
                 continue
             width[i], height[i] = info.width, info.height
-            if _dali_handles(info):
+            if _dali_handles(info) and not self._drafts(info):
                 to_dali.append((i, info))
             else:
                 to_pillow.append(i)
@@ -177,6 +189,10 @@ class DaliDecoder:
             else torch.empty((0, 3, size, size), dtype=torch.float32, device=self.torch_device)
         )
         return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+
+    def _drafts(self, info: ImageInfo) -> bool:
+        """Whether this image goes to Pillow's reduced-scale JPEG decode instead of DALI."""
+        return self.draft and self.device == "cpu" and draft_reduces(info, self.spec.size)
 
     def _run_chunk(self, blobs: list[bytes], infos: list[ImageInfo]) -> list[torch.Tensor | str]:
         """Decode up to ``batch_size`` images; after a failure, retry one by one to find the culprit.

@@ -1,6 +1,7 @@
 """Reference CPU decoder: Pillow decode + CLIP preprocessing, identical to open_clip's eval transform."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpe
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 from dask_imgcurator.decode.probe import ImageInfo, open_image
 
-__all__ = ["PillowDecoder"]
+__all__ = ["PillowDecoder", "draft_reduces"]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _WHITE = (255, 255, 255)
@@ -40,15 +41,20 @@ class PillowDecoder:
     draft : bool
         Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale while the shorter side stays at
         least ``2 * spec.size``: about twice as fast on large photos, slightly different pixels.
+    num_threads : int
+        Images decoded at the same time (Pillow releases the GIL while it decodes and resizes).
     """
 
     name = "pillow"
 
-    def __init__(self, spec: PreprocessSpec, draft: bool = True):
+    def __init__(self, spec: PreprocessSpec, draft: bool = True, num_threads: int = 1):
         if spec.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation {spec.interpolation!r} is not one of {sorted(_RESAMPLE)}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, not {num_threads}")
         self.spec = spec
         self.draft = draft
+        self.num_threads = num_threads
 
     def decode(self, blobs: Sequence[bytes]) -> DecodedBatch:
         """Decode and preprocess a batch.
@@ -68,20 +74,32 @@ class PillowDecoder:
         width = np.full(n, -1, dtype=np.int64)
         height = np.full(n, -1, dtype=np.int64)
         errors: list[str | None] = [None] * n
-        for i, blob in enumerate(blobs):
-            try:
-                img, info = open_image(blob, self.spec.max_pixels)
-            except DecodeError as exc:
-                errors[i], width[i], height[i] = str(exc), exc.width, exc.height
-                continue
-            width[i], height[i] = info.width, info.height
-            try:
-                rows[i] = self._crop_rgb(img, info)
-            except Exception as exc:  # a broken image must cost its own row only
-                errors[i] = _describe(exc, info)
+
+        def decode_into(i: int) -> None:
+            errors[i], width[i], height[i] = self._decode_one(blobs[i], rows[i])
+
+        if self.num_threads > 1 and n > 1:
+            # a pool per call keeps the decoder stateless; starting threads costs far less than one image
+            with ThreadPoolExecutor(min(self.num_threads, n), thread_name_prefix="imgcurator-pillow") as pool:
+                list(pool.map(decode_into, range(n)))
+        else:
+            for i in range(n):
+                decode_into(i)
         ok = [i for i, e in enumerate(errors) if e is None]
         pixels = _normalize_batch(torch.from_numpy(rows[ok]), self.spec)
         return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+
+    def _decode_one(self, blob: bytes, out: np.ndarray) -> tuple[str | None, int, int]:
+        """Decode one image into ``out``; returns (error or None, width, height)."""
+        try:
+            img, info = open_image(blob, self.spec.max_pixels)
+        except DecodeError as exc:
+            return str(exc), exc.width, exc.height
+        try:
+            out[...] = self._crop_rgb(img, info)
+        except Exception as exc:  # a broken image must cost its own row only
+            return _describe(exc, info), info.width, info.height
+        return None, info.width, info.height
 
     def _crop_rgb(self, img: Image.Image, info: ImageInfo) -> np.ndarray:
         size = self.spec.size
@@ -118,6 +136,15 @@ class PillowDecoder:
             return 1.0, 1.0
         _, (_, _, scaled_w, scaled_h) = drafted
         return scaled_w / info.width, scaled_h / info.height
+
+
+def draft_reduces(info: ImageInfo, size: int) -> bool:
+    """True when draft mode decodes this image at reduced scale for output side ``size``.
+
+    libjpeg scales by 1/2, 1/4 or 1/8, and the draft keeps the shorter side at least
+    ``2 * size``: a JPEG is decoded smaller only when its shorter side is at least ``4 * size``.
+    """
+    return info.format in _DRAFT_FORMATS and min(info.width, info.height) >= 2 * _DRAFT_GAP * size
 
 
 def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:

@@ -43,6 +43,7 @@ class EmbedConfig:
     decoder: str = "auto"
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
 
     def columns(self, embed_dim: int) -> dict[str, Any]:
         """The columns this stage adds, with their dtypes (the stage's declared meta)."""
@@ -64,6 +65,7 @@ def embed(
     decoder: str = "auto",
     device: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
     model_dir: str | None = None,
     cache_dir: str | None = None,
     offline: bool | None = None,
@@ -95,6 +97,11 @@ def embed(
         "auto" picks the worker's GPU when it has one.
     max_pixels : int
         Decompression-bomb guard: larger images get an error row instead of being decoded.
+    draft : bool
+        Decode JPEGs whose shorter side is at least 4x the model's input at 1/2, 1/4 or 1/8
+        scale (libjpeg's DCT scaling; on CPU workers such JPEGs skip DALI, which always decodes
+        full size). Faster on large photos, pixels within 0.1 (normalised units) of open_clip's
+        preprocessing; ``False`` decodes everything at full size.
     model_dir, cache_dir, offline :
         Where weights are looked up (see :mod:`dask_imgcurator.models.store`); used when
         ``model`` is given as text.
@@ -107,7 +114,7 @@ def embed(
     """
     source = as_model_source(model, model_dir=model_dir, cache_dir=cache_dir, offline=offline)
     specs = tuple(head_spec(h) if isinstance(h, str) else h for h in heads)
-    config = EmbedConfig(source, specs, batch_size, precision, decoder, device, max_pixels)
+    config = EmbedConfig(source, specs, batch_size, precision, decoder, device, max_pixels, draft)
     info = source.info()
     meta = ddf._meta.assign(**{name: pd.Series([], dtype=dtype) for name, dtype in config.columns(info.embed_dim).items()})
     return ddf.map_partitions(embed_partition, config, meta=meta, align_dataframes=False)
@@ -125,7 +132,7 @@ def embed_partition(df, config: EmbedConfig):
         for spec in config.heads
     }
     spec = dataclasses.replace(model.preprocess, max_pixels=config.max_pixels)
-    decoder = _cached_decoder(spec, config.decoder, device)
+    decoder = _cached_decoder(spec, config.decoder, device, config.draft)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
 
     n = len(frame)
@@ -208,13 +215,14 @@ def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def _cached_decoder(spec, backend: str, device: str):
+def _cached_decoder(spec, backend: str, device: str, draft: bool = True):
     """The decoder of this task thread, built once (DALI pipelines are costly to build and not shareable).
 
     Keyed by the calling thread: each concurrently running task gets its own, used by one decode at a time.
     """
     dali_device = "gpu" if torch.device(device).type == "cuda" else "cpu"
-    # on the CPU, DALI decodes between model batches: give it the cores torch has
-    options = {"num_threads": max(1, torch.get_num_threads())} if dali_device == "cpu" and backend != "pillow" else {}
+    # on the CPU, decoding runs between model batches: give it the cores torch has
+    options = {"num_threads": max(1, torch.get_num_threads())} if dali_device == "cpu" else {}
+    options["draft"] = draft
     key = ("decoder", spec, backend, dali_device, threading.get_ident(), tuple(options.items()))
     return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device, **options))

@@ -91,6 +91,34 @@ def test_unusual_images_go_to_pillow(spec, blob, monkeypatch):
     assert torch.equal(out.pixels[1:], PillowDecoder(spec, draft=False).decode([blob]).pixels)
 
 
+def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
+    small, big_jpeg = encode(photo(640, 480)), encode(photo(1600, 900, seed=1))
+    big_png = encode(photo(1600, 900), "PNG")
+    dec = DaliDecoder(spec, num_threads=2)
+    assert dec._pillow.draft and dec._pillow.num_threads == 2
+    routed = []
+    pillow_decode = dec._pillow.decode
+    monkeypatch.setattr(dec._pillow, "decode", lambda blobs: routed.extend(blobs) or pillow_decode(blobs))
+    out = dec.decode([small, big_jpeg, big_png])
+    assert routed == [big_jpeg]  # shorter side 900 >= 4 * 224; the 900 px PNG has no reduced decode
+    assert out.errors == [None] * 3
+    assert torch.equal(out.pixels[1], PillowDecoder(spec, draft=True).decode([big_jpeg]).pixels[0])
+    assert (out.pixels[1] - DaliDecoder(spec, draft=False).decode([big_jpeg]).pixels[0]).abs().max() < 0.15
+
+    whole = DaliDecoder(spec, draft=False)
+    monkeypatch.setattr(whole._pillow, "decode", lambda blobs: pytest.fail("nothing should go to Pillow"))
+    assert whole.decode([small, big_jpeg, big_png]).errors == [None] * 3
+
+
+def test_gpu_decoder_keeps_large_jpegs(spec):
+    from dask_imgcurator.decode.probe import probe_image
+
+    info = probe_image(encode(photo(1600, 900)))
+    assert DaliDecoder(spec)._drafts(info)
+    assert not DaliDecoder(spec, device="gpu")._drafts(info)  # nvJPEG decodes on the GPU: nothing to save
+    assert not DaliDecoder(spec, draft=False)._drafts(info)
+
+
 def test_truncated_jpeg_mid_batch_then_recovery(dali, photo_jpegs, truncated_jpeg):
     good = photo_jpegs[:6]
     expected = _alone(DaliDecoder(dali.spec), good)
@@ -147,7 +175,7 @@ def test_mixed_backend_matches_cpu(spec, photo_jpegs):
     out = gpu.decode(batch)
     assert gpu.name == "dali-mixed" and out.pixels.is_cuda
     assert out.ok.tolist() == [True] * (len(batch) - 1) + [False]
-    cpu = DaliDecoder(spec).decode(batch)
+    cpu = DaliDecoder(spec, draft=False).decode(batch)
     # nvJPEG's IDCT differs slightly from libjpeg-turbo's
     diff = (out.pixels.cpu() - cpu.pixels).abs()
     assert diff.max() < 0.15 and diff.mean() < 0.01
@@ -164,7 +192,7 @@ def test_runs_are_split_by_pixel_budget(monkeypatch):
         buf = io.BytesIO()
         PILImage.new("RGB", (side, side), (side % 256, 10, 20)).save(buf, "JPEG")
         blobs.append(buf.getvalue())
-    decoder = DaliDecoder(PreprocessSpec(size=32), batch_size=64, max_batch_pixels=200_000)
+    decoder = DaliDecoder(PreprocessSpec(size=32), batch_size=64, max_batch_pixels=200_000, draft=False)
     runs = []
     real = decoder._run
     monkeypatch.setattr(decoder, "_run", lambda b, infos: runs.append(len(b)) or real(b, infos))

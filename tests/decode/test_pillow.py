@@ -4,13 +4,15 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from dask_imgcurator.decode import PillowDecoder, PreprocessSpec, make_decoder
+from dask_imgcurator.decode import ImageInfo, PillowDecoder, PreprocessSpec, make_decoder
+from dask_imgcurator.decode.pillow import draft_reduces
 
 from .conftest import encode, normalised_white, photo, png_of_size, transparent_png
 
@@ -90,6 +92,43 @@ def test_small_jpeg_is_not_drafted(spec, photo_jpegs):
     assert torch.equal(a.pixels, b.pixels)
 
 
+def test_draft_reduces_only_jpegs_with_a_shorter_side_of_four_outputs(spec):
+    def info(fmt, w, h):
+        return ImageInfo(format=fmt, width=w, height=h, mode="RGB", has_alpha=False, is_animated=False, bit_depth=8)
+
+    assert draft_reduces(info("JPEG", 2000, 896), 224)
+    assert not draft_reduces(info("JPEG", 2000, 895), 224)  # halving would leave under 2 * 224
+    assert draft_reduces(info("MPO", 900, 900), 224)
+    assert not draft_reduces(info("PNG", 4000, 4000), 224)
+    assert draft_reduces(info("JPEG", 700, 640), 160)
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_threads_give_the_same_result_in_order(spec, photo_jpegs, truncated_jpeg, draft, monkeypatch):
+    batch = [photo_jpegs[0], b"", encode(photo(2400, 1800, seed=5)), truncated_jpeg, *photo_jpegs[1:]]
+    threads = set()
+    crop = PillowDecoder._crop_rgb
+
+    def spy(self, img, info):
+        threads.add(threading.get_ident())
+        return crop(self, img, info)
+
+    monkeypatch.setattr(PillowDecoder, "_crop_rgb", spy)
+    alone = PillowDecoder(spec, draft=draft).decode(batch)
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    pooled = PillowDecoder(spec, draft=draft, num_threads=3).decode(batch)
+    assert threading.get_ident() not in threads and 1 <= len(threads) <= 3
+    assert torch.equal(pooled.pixels, alone.pixels)
+    assert pooled.errors == alone.errors and pooled.errors[1] is not None and pooled.errors[3] is not None
+    assert pooled.width.tolist() == alone.width.tolist() and pooled.height.tolist() == alone.height.tolist()
+
+
+def test_num_threads_must_be_positive(spec):
+    with pytest.raises(ValueError, match="num_threads"):
+        PillowDecoder(spec, num_threads=0)
+
+
 def test_extreme_aspect_ratio_resizes_only_the_crop(spec):
     # 20000x10 would be a 448000x224 intermediate if resized whole
     out = PillowDecoder(spec).decode([encode(photo(20_000, 10, seed=6), "PNG")])
@@ -117,8 +156,8 @@ def test_pixel_bomb_is_refused_before_decoding(spec, monkeypatch):
 
 
 def test_make_decoder_pillow(spec):
-    dec = make_decoder(spec, backend="pillow", draft=False)
-    assert isinstance(dec, PillowDecoder) and dec.name == "pillow" and dec.draft is False
+    dec = make_decoder(spec, backend="pillow", draft=False, num_threads=2)
+    assert isinstance(dec, PillowDecoder) and dec.name == "pillow" and dec.draft is False and dec.num_threads == 2
     with pytest.raises(ValueError, match="backend"):
         make_decoder(spec, backend="opencv")
 

@@ -91,6 +91,18 @@ def test_each_image_is_decoded_once(colour_shards, monkeypatch):
     clear_cache()
 
 
+def test_draft_option_reaches_the_decoder(colour_shards, monkeypatch):
+    clear_cache()
+    drafts = []
+    real = embed_module.make_decoder
+    monkeypatch.setattr(embed_module, "make_decoder", lambda *a, **kw: drafts.append(kw["draft"]) or real(*a, **kw))
+    for draft in (True, False):
+        ddf = ic.read_webdataset(str(colour_shards))
+        embed(ddf, stand_in(), heads=(), decoder="pillow", draft=draft).compute(scheduler="sync")
+    assert drafts == [True, False]  # one decoder per setting, each reused across partitions
+    clear_cache()
+
+
 def test_prefetching_and_foreground_decoding_give_the_same_batches(colour_shards):
     """The GPU path decodes one batch ahead in a thread, the CPU path between batches: same output."""
     frame = ic.read_webdataset(str(colour_shards / "c-0.tar")).compute()
@@ -103,13 +115,14 @@ def test_prefetching_and_foreground_decoding_give_the_same_batches(colour_shards
         assert torch.equal(a.pixels, b.pixels) and a.errors == b.errors
 
 
-def test_cpu_dali_decoder_gets_the_torch_threads(monkeypatch):
+def test_cpu_decoders_get_the_torch_threads(monkeypatch):
     pytest.importorskip("nvidia.dali")
     clear_cache()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     decoder = embed_module._cached_decoder(SPEC, "dali", "cpu")
     assert decoder.num_threads == 3
-    assert embed_module._cached_decoder(SPEC, "pillow", "cpu").name == "pillow"
+    pillow = embed_module._cached_decoder(SPEC, "pillow", "cpu")
+    assert pillow.name == "pillow" and pillow.num_threads == 3
     clear_cache()
 
 
