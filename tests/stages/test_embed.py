@@ -1,4 +1,5 @@
 import io
+import threading
 
 import numpy as np
 import pandas as pd
@@ -113,6 +114,34 @@ def test_prefetching_and_foreground_decoding_give_the_same_batches(colour_shards
     for (rows_a, a), (rows_b, b) in zip(*runs, strict=True):
         np.testing.assert_array_equal(rows_a, rows_b)
         assert torch.equal(a.pixels, b.pixels) and a.errors == b.errors
+
+
+def test_gpu_path_pins_cpu_decoded_pixels(colour_shards, monkeypatch):
+    frame = ic.read_webdataset(str(colour_shards / "c-0.tar")).compute()
+    decoder = embed_module.make_decoder(SPEC, backend="pillow")
+    pinned = []
+
+    def fake_pin(self):  # pin_memory itself needs CUDA
+        pinned.append(threading.get_ident())
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    todo = np.arange(len(frame))
+    plain = list(embed_module._decoded_batches(frame, todo, decoder, 3, prefetch=True))
+    assert pinned == []
+    pins = list(embed_module._decoded_batches(frame, todo, decoder, 3, prefetch=True, pin=True))
+    assert len(pinned) == 3 and threading.get_ident() not in pinned  # pinned in the decode thread
+    for (_, a), (_, b) in zip(plain, pins, strict=True):
+        assert torch.equal(a.pixels, b.pixels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_path_pixels_are_page_locked(colour_shards):
+    frame = ic.read_webdataset(str(colour_shards / "c-0.tar")).compute()
+    decoder = embed_module.make_decoder(SPEC, backend="pillow")
+    batches = list(embed_module._decoded_batches(frame, np.arange(len(frame)), decoder, 3, prefetch=True, pin=True))
+    assert batches and all(batch.pixels.is_pinned() for _, batch in batches)
 
 
 def test_cpu_decoders_get_the_torch_threads(monkeypatch):
