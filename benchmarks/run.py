@@ -26,6 +26,10 @@ Sections (``--sections``):
   and worker peak RSS.
 - ``index``: tar header scan rate on shards of large (1.5 MB) members.
 - ``bf16``: cosine similarity of bf16 and fp32 embeddings of the same images.
+
+``--device cuda`` measures the GPU target instead: ViT-L-14 bf16 (the defaults there), batch 256,
+``model_ceiling`` on ready CUDA tensors, ``decode`` with DALI ``mixed``, and ``curate`` on what
+``--cluster cuda`` starts (one worker per GPU), on 16 shards of 512 images (4 x 256 with ``--quick``).
 """
 from __future__ import annotations
 
@@ -45,12 +49,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SECTIONS = ("decode", "model_ceiling", "naive", "curate", "bf16", "scaling", "index")
+GPU_SECTIONS = ("decode", "model_ceiling", "curate")
 
 #: Images per measurement: (shards, samples per shard); quick and full mode, per model.
 DATA = {
     "quick": {"ViT-B-32": (3, 32), "ViT-L-14": (1, 16)},
     "full": {"ViT-B-32": (4, 96), "ViT-L-14": (2, 32)},
 }
+#: --device cuda (ViT-L-14 bf16 by default): enough images for a few seconds at 2000 images/s per GPU.
+GPU_DATA = {"quick": (4, 256), "full": (16, 512)}
 SCALING = {"quick": (1, 32), "full": (4, 64)}  # the 1x point; 2x and 4x add shards
 REPEATS = {"quick": 2, "full": 3}
 INDEX = {"quick": (2, 150), "full": (4, 250)}  # shards x samples of ~1.5 MB members
@@ -135,6 +142,8 @@ def _quiet() -> None:
 def child_ceiling(p: dict) -> list[dict]:
     """Encoder alone on ready tensors, as 1 process x all threads or N processes x 1 thread."""
     cores = p["cores"]
+    if p["layout"] == "gpu":
+        return [_gpu_ceiling(p)]
     if p["layout"] in ("threads", "threads_other_kernels"):
         rate = _encode_loop(p, threads=cores)
         return [_ceiling_line(p, rate, procs=1, threads=cores)]
@@ -156,6 +165,29 @@ def child_ceiling(p: dict) -> list[dict]:
     rate = {"images": sum(r[6] for r in results), "wall": end - start, "cpu": cpu, "others": max(0.0, max(others)), "steal": 0.0,
             "rss": max(r[4] for r in results), "onednn": results[0][7]}
     return [_ceiling_line(p, rate, procs=cores, threads=1)]
+
+
+def _gpu_ceiling(p: dict) -> dict:
+    """The encoder on one GPU, on ready CUDA tensors, timed between two synchronisations."""
+    import torch
+
+    from _models import random_clip_dir
+
+    ref = random_clip_dir(p["model_dir"], p["model"])
+    model = ref.load("cuda", p["precision"])
+    side = model.preprocess.size
+    inputs = {n: torch.randn(n, 3, side, side, device="cuda") for n in set(p["batches"])}
+    for x in list(inputs.values()) * 2:  # warm-up: kernels chosen and memory pooled for these shapes
+        model.encode(x)
+    torch.cuda.synchronize()
+    with Meter() as m:
+        for n in p["batches"]:
+            model.encode(inputs[n])
+        torch.cuda.synchronize()
+    n = sum(p["batches"])
+    return {"section": "model_ceiling", "model": p["model"], "precision": p["precision"], "batch_size": p["batch_size"],
+            "layout": "gpu", "device": torch.cuda.get_device_name(), **m.fields(n),
+            "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def _ceiling_line(p: dict, rate: dict, procs: int, threads: int) -> dict:
@@ -294,9 +326,13 @@ def child_curate(p: dict) -> list[dict]:
 
     ref = random_clip_dir(p["model_dir"], p["model"])
     workers, threads = p["workers"], p["threads"]
+    gpu = p.get("device") == "cuda"
     t_start = time.perf_counter()
-    with local_cluster(workers, dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as client:
-        client.register_plugin(TorchThreads(threads))
+    # on GPUs: what `--cluster cuda` starts (LocalCUDACluster, one worker per GPU, DALI mixed decode)
+    cluster_options = {"gpu": True} if gpu else {"n_workers": workers, "gpu": False}
+    with local_cluster(dashboard_address=":0", silence_logs=50, **cluster_options) as cluster, Client(cluster) as client:
+        if not gpu:
+            client.register_plugin(TorchThreads(threads))
         if p.get("embed_source"):
             client.register_plugin(_embed_variant(p["embed_source"]))
         # warm-up: load model, heads and decoder on every worker; pick filter thresholds that keep about half
@@ -376,6 +412,8 @@ def child_decode(p: dict) -> list[dict]:
         blobs += read_ranges(shard, list(zip(g.image_offset.astype(int), g.image_nbytes.astype(int))))
     exts = [m.rsplit(".", 1)[-1] for m in df["image_member"]]
     spec = PreprocessSpec(size=p["size"])
+    if p.get("device") == "cuda":
+        return _gpu_decode(p, spec, blobs)
     transform = open_clip.image_transform(p["size"], is_train=False)
 
     def open_clip_pil(batch):
@@ -423,6 +461,29 @@ def child_decode(p: dict) -> list[dict]:
         lines.append({"section": "decode", "method": "dali_cpu_draft", "threads": cores, "size": p["size"], **m.fields(len(blobs)),
                       "images_per_s_per_core": round(len(blobs) / m.wall / cores, 2)})
     return lines
+
+
+def _gpu_decode(p: dict, spec, blobs: list[bytes]) -> list[dict]:
+    """DALI ``mixed`` decode + preprocessing alone, in the curate batch size, as a GPU worker runs it."""
+    import torch
+
+    from dask_imgcurator.decode import DaliDecoder
+
+    bs = p["batch_size"]
+    threads = min(p["cores"], 8)
+    dali = DaliDecoder(spec, device="gpu", num_threads=threads, batch_size=bs)
+    dali.decode(blobs[:bs])
+    lines = []
+    for _ in range(p["repeats"]):
+        torch.cuda.synchronize()
+        with Meter() as m:
+            for i in range(0, len(blobs), bs):
+                dali.decode(blobs[i : i + bs])
+            torch.cuda.synchronize()
+        lines.append(m.fields(len(blobs)))
+    best = _median_run(lines)
+    return [{"section": "decode", "method": "dali_mixed", "threads": threads, "batch_size": bs, "size": p["size"],
+             **best, "repeats": [r["images_per_s"] for r in lines]}]
 
 
 def _median_run(runs: list[dict], key: str = "images_per_s") -> dict:
@@ -566,31 +627,44 @@ def orchestrate(args: argparse.Namespace) -> int:
     from _models import random_clip_dir
     from dask_imgcurator.stages.embed import DEFAULT_BATCH_SIZE
 
+    import torch
+
     mode = "quick" if args.quick else "full"
     cores = os.cpu_count() or 1
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
     repeats = args.repeats or REPEATS[mode]
-    workers = args.workers or max(1, cores // 2)  # the CLI's default: one worker per two cores
-    threads = max(1, cores // workers)
+    if gpu:  # what `--cluster cuda` starts: one worker per GPU
+        workers, threads = torch.cuda.device_count(), 1
+    else:
+        workers = args.workers or max(1, cores // 2)  # the CLI's default: one worker per two cores
+        threads = max(1, cores // workers)
     work = Path(args.work or tempfile.mkdtemp(prefix="imgcurator-bench-"))
     model_dir = str(Path(args.model_dir or Path(tempfile.gettempdir()) / "imgcurator-bench-models"))
-    sections = args.sections or list(SECTIONS)
-    models = args.model or ["ViT-B-32"]
-    precisions = args.precision or ["fp32", "bf16"]
+    sections = args.sections or list(GPU_SECTIONS if gpu else SECTIONS)
+    if gpu and set(sections) - set(GPU_SECTIONS):
+        print(f"--device cuda runs only {', '.join(GPU_SECTIONS)}", file=sys.stderr)
+        return 2
+    models = args.model or (["ViT-L-14"] if gpu else ["ViT-B-32"])
+    precisions = args.precision or (["bf16"] if gpu else ["fp32", "bf16"])
     retries = args.retries if args.retries is not None else (1 if args.quick else 3)
     max_wait = args.max_wait if args.max_wait is not None else (30.0 if args.quick else 180.0)
     measure = Runner(args.max_others, max_wait, retries)
     t_suite = time.perf_counter()
-    import torch
 
     emit({"section": "setup", "mode": mode, "cores": cores, "cpu": _cpu_name(), "bf16_instructions": _has_bf16(),
-          "torch": torch.__version__, "python": platform.python_version(), "repeats": repeats,
+          "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "python": platform.python_version(), "repeats": repeats,
           "curate_workers": workers, "curate_threads_per_worker": threads, "decoder": args.decoder,
           "quiet_gate": {"max_others": args.max_others, "max_wait_s": max_wait, "retries": retries},
           "loadavg_1m": round(os.getloadavg()[0], 2), "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])})
     _quiet()
     for name in models:
         random_clip_dir(model_dir, name)
-    warmup_shards = bench_shards(workers, WARMUP_SAMPLES, seed=99)
+    # GPU workers warm up on a full batch, so that the timed run finds its kernels and memory pool ready
+    warmup_shards = bench_shards(workers, (args.batch_size or DEFAULT_BATCH_SIZE["cuda"]) if gpu else WARMUP_SAMPLES,
+                                 seed=99)
 
     results: dict[tuple, list[dict]] = {}
 
@@ -603,15 +677,15 @@ def orchestrate(args: argparse.Namespace) -> int:
         return {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": args.batch_size,
                 "precision": precision, "shards": shards, "warmup_shards": warmup_shards, "out": out + "/run",
                 "workers": workers, "threads": threads, "decoder": args.decoder, "samples_per_out_shard": 1000,
-                **extra}
+                "device": args.device, **extra}
 
     for name in models:
-        n_shards, per_shard = DATA[mode].get(name, DATA[mode]["ViT-L-14"])
+        n_shards, per_shard = GPU_DATA[mode] if gpu else DATA[mode].get(name, DATA[mode]["ViT-L-14"])
         shards = bench_shards(n_shards, per_shard)
         emit({"section": "data", "model": name, "shards": n_shards, **describe(shards)})
-        bs = args.batch_size or DEFAULT_BATCH_SIZE["cpu"]
+        bs = args.batch_size or DEFAULT_BATCH_SIZE["cuda" if gpu else "cpu"]
         images = n_shards * per_shard
-        base = {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": bs}
+        base = {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": bs, "device": args.device}
 
         if "decode" in sections and name == models[0]:
             record(("decode",), measure("decode", {**base, "shards": shards, "size": 224, "repeats": repeats}))
@@ -621,7 +695,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         for rep in range(repeats):
             for precision in precisions:
                 if "model_ceiling" in sections:
-                    for layout in ("threads", "procs", "threads_other_kernels"):
+                    for layout in ("gpu",) if gpu else ("threads", "procs", "threads_other_kernels"):
                         sizes = [min(bs, per_shard - i) for _ in range(n_shards) for i in range(0, per_shard, bs)]
                         p = {**base, "precision": precision, "batches": sizes, "layout": layout}
                         record(("ceiling", name, precision, layout), measure("model_ceiling", p))
@@ -637,7 +711,10 @@ def orchestrate(args: argparse.Namespace) -> int:
                             record(("curate_alt", name, precision), measure("curate", p))
 
         for precision in precisions:
-            _emit_ratios(results, name, precision, threads)
+            if gpu:
+                _emit_gpu_ratios(results, name, precision)
+            else:
+                _emit_ratios(results, name, precision, threads)
 
     if "bf16" in sections:
         for line in results.get(("bf16", models[0]), []):
@@ -711,6 +788,26 @@ def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None
         emit({"section": "ratio", "ratio": "curate/curate_alt", "model": name, "precision": precision, **_ratio(cur, alt)})
 
 
+def _emit_gpu_ratios(results: dict, name: str, precision: str) -> None:
+    """curate against the encoder alone on the GPU, and the issue's images/s target (ViT-L-14 bf16, one GPU)."""
+    rate = lambda key: [r["images_per_s"] for r in results.get(key, [])]  # noqa: E731
+    cur, ceiling = rate(("curate", name, precision)), rate(("ceiling", name, precision, "gpu"))
+    if cur and ceiling:
+        r = _ratio(cur, ceiling)
+        emit({"section": "ratio", "ratio": "curate/model_ceiling", "device": "cuda", "model": name,
+              "precision": precision, **r, "ceiling_images_per_s": ceiling, **_target(r["value"], 0.90)})
+    if cur and name == "ViT-L-14" and precision == "bf16":
+        per_gpu = [c / r["workers"] for c, r in zip(cur, results[("curate", name, precision)])]
+        value = round(statistics.median(per_gpu), 1)
+        emit({"section": "target", "target": "GPU curate images/s per GPU >= 2000 (ViT-L-14 bf16, DALI mixed)",
+              "model": name, "precision": precision, "value": value, "per_repeat": per_gpu,
+              **_target(value, 2000.0)})
+    alt = rate(("curate_alt", name, precision))
+    if cur and alt:
+        emit({"section": "ratio", "ratio": "curate/curate_alt", "device": "cuda", "model": name, "precision": precision,
+              **_ratio(cur, alt)})
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -737,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="model batch size (default: the package's CPU default)")
     parser.add_argument("--workers", type=int, help="curate worker processes (default: the CLI's, one per two cores)")
     parser.add_argument("--decoder", default="auto", choices=("auto", "dali", "pillow"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: ViT-L-14 bf16 (defaults) on the GPU(s) with DALI mixed decode and --cluster cuda; "
+                        f"sections {', '.join(GPU_SECTIONS)}")
     parser.add_argument("--model-dir", help="where random-weight models are written (default: /tmp)")
     parser.add_argument("--work", help="scratch directory for outputs (default: a new temp dir)")
     parser.add_argument("--compare-embed", metavar="FILE",
