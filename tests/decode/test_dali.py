@@ -111,6 +111,16 @@ def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
     assert whole.decode([small, big_jpeg, big_png]).errors == [None] * 3
 
 
+def test_truncated_large_jpeg_costs_only_its_row(dali, photo_jpegs):
+    big = encode(photo(1600, 900, seed=2))
+    truncated = big[: len(big) // 2]
+    out = dali.decode([photo_jpegs[0], truncated, big, encode(photo(900, 1600, seed=3).convert("L"))])
+    assert out.ok.tolist() == [True, False, True, True]
+    assert out.errors[1].startswith("truncated or corrupt JPEG")
+    assert (out.width[1], out.height[1]) == (1600, 900)
+    assert torch.equal(out.pixels[1], PillowDecoder(dali.spec).decode([big]).pixels[0])
+
+
 def test_pillow_share_is_decoded_while_dali_runs(spec, monkeypatch):
     dec = DaliDecoder(spec)
     pillow_started = threading.Event()
