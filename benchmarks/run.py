@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -173,18 +174,8 @@ def _gpu_ceiling(p: dict) -> dict:
 
     from _models import random_clip_dir
 
-    ref = random_clip_dir(p["model_dir"], p["model"])
-    model = ref.load("cuda", p["precision"])
-    side = model.preprocess.size
-    inputs = {n: torch.randn(n, 3, side, side, device="cuda") for n in set(p["batches"])}
-    for x in list(inputs.values()) * 2:  # warm-up: kernels chosen and memory pooled for these shapes
-        model.encode(x)
-    torch.cuda.synchronize()
-    with Meter() as m:
-        for n in p["batches"]:
-            model.encode(inputs[n])
-        torch.cuda.synchronize()
-    n = sum(p["batches"])
+    model = random_clip_dir(p["model_dir"], p["model"]).load("cuda", p["precision"])
+    m, n = _run_batches(model, p["batches"], device="cuda")
     return {"section": "model_ceiling", "model": p["model"], "precision": p["precision"], "batch_size": p["batch_size"],
             "layout": "gpu", "device": torch.cuda.get_device_name(), **m.fields(n),
             "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
@@ -219,17 +210,23 @@ def _load_encoder(p: dict, threads: int):
         return ref.load("cpu", p["precision"])
 
 
-def _run_batches(model, sizes: list[int], warm: bool = True) -> tuple[Meter, int]:
-    """Encode ready tensors in batches of ``sizes`` (as curate forms them: per shard, then the rest)."""
+def _run_batches(model, sizes: list[int], warm: bool = True, device: str = "cpu") -> tuple[Meter, int]:
+    """Encode ready tensors in batches of ``sizes`` (as curate forms them: per shard, then the rest).
+
+    On a GPU the clock stops after the last batch has finished (``torch.cuda.synchronize``).
+    """
     import torch
 
     side = model.preprocess.size
-    inputs = {n: torch.randn(n, 3, side, side) for n in set(sizes)}
+    inputs = {n: torch.randn(n, 3, side, side, device=device) for n in set(sizes)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for x in inputs.values() if warm else ():
         model.encode(x)  # warm-up: weights paged in, kernels chosen for these shapes
+    sync()
     with Meter() as m:
         for n in sizes:
             model.encode(inputs[n])
+        sync()
     return m, sum(sizes)
 
 
@@ -757,9 +754,14 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rates(results: dict, key: tuple) -> list[float]:
+    """images/s of every repetition of one measurement, in order."""
+    return [r["images_per_s"] for r in results.get(key, [])]
+
+
 def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None:
     """Ratios within each repetition (median over repetitions), with the issue's targets."""
-    rate = lambda key: [r["images_per_s"] for r in results.get(key, [])]  # noqa: E731
+    rate = functools.partial(_rates, results)
     cur = rate(("curate", name, precision))
     lay = {lo: rate(("ceiling", name, precision, lo)) for lo in ("threads", "procs", "threads_other_kernels")}
     if cur and lay["threads"] and lay["procs"]:
@@ -790,7 +792,7 @@ def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None
 
 def _emit_gpu_ratios(results: dict, name: str, precision: str) -> None:
     """curate against the encoder alone on the GPU, and the issue's images/s target (ViT-L-14 bf16, one GPU)."""
-    rate = lambda key: [r["images_per_s"] for r in results.get(key, [])]  # noqa: E731
+    rate = functools.partial(_rates, results)
     cur, ceiling = rate(("curate", name, precision)), rate(("ceiling", name, precision, "gpu"))
     if cur and ceiling:
         r = _ratio(cur, ceiling)
