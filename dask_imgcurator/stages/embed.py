@@ -114,7 +114,10 @@ def embed(
     """
     source = as_model_source(model, model_dir=model_dir, cache_dir=cache_dir, offline=offline)
     specs = tuple(head_spec(h) if isinstance(h, str) else h for h in heads)
-    config = EmbedConfig(source, specs, batch_size, precision, decoder, device, max_pixels, draft)
+    config = EmbedConfig(
+        source, heads=specs, batch_size=batch_size, precision=precision, decoder=decoder, device=device,
+        max_pixels=max_pixels, draft=draft,
+    )
     info = source.info()
     meta = ddf._meta.assign(**{name: pd.Series([], dtype=dtype) for name, dtype in config.columns(info.embed_dim).items()})
     return ddf.map_partitions(embed_partition, config, meta=meta, align_dataframes=False)
