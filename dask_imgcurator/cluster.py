@@ -19,12 +19,16 @@ Settings come from the ``imgcurator`` namespace of dask's config (see
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import dask.config
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from dask_imgcurator import config
@@ -38,6 +42,7 @@ __all__ = [
     "TorchThreads",
     "PinGpu",
     "StopWorkerProfiler",
+    "housekeeping_settings",
     "torch_threads_for",
 ]
 
@@ -163,6 +168,40 @@ def _closing_on_error(cluster, plugins: list[WorkerPlugin]):
     return cluster
 
 
+# ----------------------------------------------------------------------------- dask's housekeeping
+
+
+def housekeeping_settings() -> dict[str, Any]:
+    """The dask settings that clusters started here get: ``imgcurator.cluster.dask-config``, nulls dropped.
+
+    dask's periodic housekeeping (event-loop tick, system monitor, memory checks, work stealing)
+    costs ~100 CPU-ms per second at its default intervals across scheduler, nanny and worker (2-core
+    machine, one worker), CPU that a model using every core has to give up; the package's values
+    bring it to ~18.
+
+    >>> housekeeping_settings()["distributed.admin.tick.interval"]
+    '500ms'
+    """
+    configured = config.get("cluster.dask-config") or {}
+    return {key: value for key, value in config.flatten(configured) if value is not None}
+
+
+@contextlib.contextmanager
+def _housekeeping() -> Iterator[None]:
+    """Apply :func:`housekeeping_settings` while a cluster starts: its scheduler and nannies read
+    them then, and nannies hand their config to the worker processes they spawn."""
+    with dask.config.set(housekeeping_settings()):
+        yield
+
+
+def _housekeeping_exports(settings: dict[str, Any]) -> list[str]:
+    """Shell lines that give the dask processes a job script starts these settings (DASK_A__B=value)."""
+    return [
+        f"export DASK_{key.replace('.', '__').replace('-', '_').upper()}={shlex.quote(str(value))}"
+        for key, value in settings.items()
+    ]
+
+
 # ----------------------------------------------------------------------------- local
 
 
@@ -268,10 +307,11 @@ def _cpu_cluster(
         kwargs["env"] = env
     if s["local_directory"]:
         kwargs.setdefault("local_directory", s["local_directory"])
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True, memory_limit=s["memory_limit"],
-        dashboard_address=dashboard_address, **kwargs,
-    )
+    with _housekeeping():
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=threads, processes=True, memory_limit=s["memory_limit"],
+            dashboard_address=dashboard_address, **kwargs,
+        )
     plugins = _worker_plugins(torch_threads)
     if pin_gpus:
         plugins.append(PinGpu())
@@ -312,7 +352,8 @@ def _cuda_cluster(
     torch_threads = config.get("cluster.torch-threads", torch_threads) or torch_threads_for(
         workers * options["threads_per_worker"]
     )
-    cluster = LocalCUDACluster(**options)
+    with _housekeeping():
+        cluster = LocalCUDACluster(**options)
     return _closing_on_error(cluster, _worker_plugins(torch_threads))
 
 
@@ -415,7 +456,8 @@ def slurm_cluster(
     if options.pop("pin_gpus"):
         plugins.append(PinGpu())
     options.update(jobqueue_kwargs)
-    cluster = SLURMCluster(**options)
+    with _housekeeping():  # the scheduler, here; the workers get the same settings from the job script
+        cluster = SLURMCluster(**options)
     try:
         _register_plugins(cluster, plugins)
         if s["adapt"]:
@@ -459,7 +501,8 @@ def slurm_options(
         "memory": s["memory"],
         "walltime": s["walltime"],
         "job_name": s["job_name"],
-        "job_script_prologue": list(s["job_script_prologue"] or []),
+        # dask's housekeeping settings first, so that the user's own lines can still change them
+        "job_script_prologue": _housekeeping_exports(housekeeping_settings()) + list(s["job_script_prologue"] or []),
         "job_extra_directives": extra,
         "job_directives_skip": list(s["job_directives_skip"] or []),
         "local_directory": s["local_directory"],

@@ -113,14 +113,15 @@ def use_config_file(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     their values.
     """
     loaded = read_config_file(path)
-    with dask.config.set(dict(_flatten(loaded))):
+    with dask.config.set(dict(flatten(loaded))):
         yield loaded
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested mapping, as ``dask.config.set`` takes them."""
     for key, value in tree.items():
         if isinstance(value, Mapping) and value:
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

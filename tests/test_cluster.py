@@ -347,3 +347,73 @@ def test_local_cluster_workers_run_without_dask_profiler_unless_asked(profile):
         with cl.local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
             assert list(client.run(_has_profiler).values()) == [profile]
             assert client.submit(sum, [1, 2]).result() == 3
+
+
+# ----------------------------------------------------------------------------- dask's housekeeping
+
+_HOUSEKEEPING = ("distributed.admin.tick.interval", "distributed.admin.system-monitor.interval",
+                 "distributed.worker.memory.monitor-interval", "distributed.scheduler.work-stealing-interval")
+
+
+def _housekeeping_seen() -> dict:
+    return {key: dask.config.get(key) for key in _HOUSEKEEPING}
+
+
+def _periodic_intervals(server) -> dict:
+    """Milliseconds between runs of a server's periodic callbacks, by name."""
+    return {name: pc.callback_time for name, pc in server.periodic_callbacks.items()}
+
+
+def test_local_cluster_runs_dask_housekeeping_less_often_in_scheduler_nanny_and_workers():
+    dask_defaults = _housekeeping_seen()
+    assert dask_defaults["distributed.admin.tick.interval"] == "20ms"         # what dask would do here
+    wanted = cl.housekeeping_settings()
+    assert wanted == {"distributed.admin.tick.interval": "500ms", "distributed.admin.system-monitor.interval": "2s",
+                      "distributed.worker.memory.monitor-interval": "500ms",
+                      "distributed.scheduler.work-stealing-interval": "1s"}
+    with cl.local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
+        assert list(client.run(_housekeeping_seen).values()) == [wanted]       # the worker process
+        worker = list(client.run(lambda dask_worker: _periodic_intervals(dask_worker)).values())[0]
+        assert (worker["tick"], worker["monitor"], worker["memory_monitor"]) == (500, 2000, 500)
+        scheduler = _periodic_intervals(cluster.scheduler)                      # in this process, read at start
+        assert (scheduler["tick"], scheduler["monitor"], scheduler["stealing"]) == (500, 2000, 1000)
+        (nanny,) = cluster.workers.values()
+        assert (_periodic_intervals(nanny)["tick"], _periodic_intervals(nanny)["memory_monitor"]) == (500, 500)
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert _housekeeping_seen() == dask_defaults                               # only while the cluster started
+
+
+def test_housekeeping_setting_set_to_null_keeps_dasks_value(env):
+    env(DASK_IMGCURATOR__CLUSTER__DASK_CONFIG__DISTRIBUTED__ADMIN__TICK__INTERVAL="None")   # as imgcurator.yaml says
+    settings = cl.housekeeping_settings()
+    assert "distributed.admin.tick.interval" not in settings
+    assert settings["distributed.admin.system-monitor.interval"] == "2s"       # the others stay
+    with cl.local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
+        assert list(client.run(lambda: dask.config.get("distributed.admin.tick.interval")).values()) == ["20ms"]
+        assert list(client.run(lambda: dask.config.get("distributed.admin.system-monitor.interval")).values()) == ["2s"]
+
+
+def test_slurm_job_script_exports_housekeeping_settings_before_the_users_prologue():
+    pytest.importorskip("dask_jobqueue")
+    with cl.slurm_cluster(jobs=0, job_script_prologue=["source /venv/bin/activate"],
+                          scheduler_options={"host": "127.0.0.1"}) as cluster:
+        script = cluster.job_script()
+        assert _periodic_intervals(cluster.scheduler)["tick"] == 500           # the scheduler, in this process
+    lines = script.splitlines()
+    exports = [line for line in lines if line.startswith("export DASK_DISTRIBUTED__")]
+    assert exports == [
+        "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms",
+        "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s",
+        "export DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=500ms",
+        "export DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING_INTERVAL=1s",
+    ]
+    assert lines.index(exports[-1]) < lines.index("source /venv/bin/activate")
+    # what a worker started by that job script reads back
+    env = {line.split()[1].split("=", 1)[0]: line.split("=", 1)[1] for line in exports}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        dask.config.refresh()
+        assert _housekeeping_seen() == cl.housekeeping_settings()
+    dask.config.refresh()
+

@@ -79,6 +79,8 @@ def test_curate_on_slurm_workers_equals_a_local_run(slurm, tmp_path, capsys):
         assert set(client.nthreads().values()) == {1}          # our --nthreads 1 beat jobqueue's 2
         seen = probe_each_worker(client)
         assert {s["torch_threads"] for s in seen.values()} == {2}   # cores / task threads, via TorchThreads
+        tick = client.run(lambda: __import__("dask").config.get("distributed.admin.tick.interval"))
+        assert set(tick.values()) == {"500ms"}                  # housekeeping settings, from the job script
 
         t1 = time.perf_counter()
         with get_task_stream(client) as stream:
