@@ -208,13 +208,16 @@ def _load_encoder(p: dict, threads: int):
     tune_malloc()
     from _models import random_clip_dir
 
-    from dask_imgcurator.models.onednn import onednn_wanted
+    from dask_imgcurator.models.clip import _load  # the loader without the per-process cache
 
     ref = random_clip_dir(p["model_dir"], p["model"])
-    # "threads_other_kernels": the same encoder with the oneDNN choice the package's "auto" does not make
-    onednn = onednn_wanted("auto") != (p["layout"] == "threads_other_kernels")
-    with dask.config.set({"imgcurator.models.onednn": onednn}):
-        return ref.load("cpu", p["precision"])
+    model = _load(ref, "cpu", p["precision"])  # the package's choice (auto: timed both ways at load)
+    if p["layout"] == "threads_other_kernels":  # the same encoder with the choice auto did not make
+        packed = model.onednn_layers > 0
+        del model
+        with dask.config.set({"imgcurator.models.onednn": not packed}):
+            model = _load(ref, "cpu", p["precision"])
+    return model
 
 
 def _run_batches(model, sizes: list[int], warm: bool = True, device: str = "cpu") -> tuple[Meter, int]:
@@ -345,6 +348,7 @@ def child_curate(p: dict) -> list[dict]:
         a_cut = float(np.nanmedian(warm["aesthetic_score"]))
         n_cut = float(np.nanquantile(warm["nsfw_score"], 0.9))
         rss_warm = client.run(peak_rss_mb)
+        kernels = {} if gpu else client.run(_worker_kernels, ref, p["precision"])
         ready = time.perf_counter() - t_start
         argv = [
             "curate", *p["shards"], "--out", p["out"], "--model", f"{ref.name}/{ref.pretrained}",
@@ -366,8 +370,16 @@ def child_curate(p: dict) -> list[dict]:
         "shards": len(p["shards"]), **m.fields(summary["samples_in"]), "kept": summary["kept"],
         "failed": sum(summary["failed"].values()),
         "worker_peak_rss_mb": sorted(rss.values()), "worker_rss_after_warmup_mb": sorted(rss_warm.values()),
-        "startup_s": round(ready, 2),
+        "startup_s": round(ready, 2), **({"worker_kernels": sorted(kernels.values(), key=str)} if kernels else {}),
     }]
+
+
+def _worker_kernels(ref, precision: str) -> dict:
+    """Which kernels a worker's (cached) model uses, and what ``auto`` measured to choose them."""
+    model = ref.load("cpu", precision)
+    timing = model.kernel_timing
+    return {"onednn": model.onednn_layers > 0,
+            **({"packed_ms": round(timing.packed_ms, 2), "plain_ms": round(timing.plain_ms, 2)} if timing else {})}
 
 
 def _embed_variant(path: str):

@@ -10,6 +10,21 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def imgcurator_home(tmp_path_factory) -> Path:
+    """The suite's own ``$IMGCURATOR_HOME`` (downloads, remembered kernel timings), inherited by dask workers."""
+    import os
+
+    home = tmp_path_factory.mktemp("imgcurator_home")
+    saved = os.environ.get("IMGCURATOR_HOME")
+    os.environ["IMGCURATOR_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("IMGCURATOR_HOME", None)
+    else:
+        os.environ["IMGCURATOR_HOME"] = saved
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests skip cleanly on machines without a CUDA device."""
     import torch

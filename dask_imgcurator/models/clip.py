@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from .cache import get_cached
 from .. import config
 from .encoder import LoadedModel, ModelInfo, OneDnnMismatch
-from .onednn import onednn_wanted
+from .onednn import onednn_mode
 from .ref import LOCAL_DIR_PREFIX, ClipRef
 from ..decode.preprocess import preprocess_spec_from_open_clip
 from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
@@ -60,10 +60,11 @@ def _check_checkpoint(ref: ClipRef) -> None:
 
 def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
     visual, info = _load_visual(ref)
-    if not onednn_wanted(config.get("models.onednn")):
+    mode = onednn_mode(config.get("models.onednn"))
+    if mode == "off":
         return LoadedModel(visual, info, device=device, precision=precision)
     try:
-        return LoadedModel(visual, info, device=device, precision=precision, onednn=True)
+        return LoadedModel(visual, info, device=device, precision=precision, onednn=True if mode == "on" else "measure")
     except OneDnnMismatch as exc:  # a tower our rewrite does not suit: PyTorch's own kernels
         warnings.warn(f"{exc}; using PyTorch's default CPU kernels", RuntimeWarning, stacklevel=2)
         visual, info = _load_visual(ref)

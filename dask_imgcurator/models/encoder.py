@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import platform
 import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..decode.base import PreprocessSpec
-from .onednn import onednn_dtypes, use_onednn
+from .onednn import KernelTiming, onednn_dtypes, remembered_timing, time_packing, use_onednn
+from .store import kernel_timings_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,12 @@ class LoadedModel:
     precision : {"fp32", "bf16", "fp16"}
         fp32; bf16 (CPU: module weights cast to bf16; GPU: bf16 autocast); fp16 (GPU
         only, autocast).
+    onednn : {False, True, "measure"}
+        On the CPU, replace a module's linear layers and attention by oneDNN-packed ones
+        (:mod:`~dask_imgcurator.models.onednn`): True always, "measure" where they ran faster than
+        PyTorch's on this machine (:func:`~dask_imgcurator.models.onednn.time_packing`; what was
+        measured is kept in :attr:`kernel_timing`). A one-image check refuses a rewrite that changes
+        the output (:class:`OneDnnMismatch`).
     """
 
     def __init__(
@@ -56,7 +67,7 @@ class LoadedModel:
         info: ModelInfo,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
-        onednn: bool = False,
+        onednn: bool | str = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -83,11 +94,25 @@ class LoadedModel:
         # one batch at a time: concurrent tasks of a worker overlap their reading, decoding and writing
         # with each other's model runs, while the model itself keeps all of torch's threads
         self._lock = threading.Lock()
-        self.onednn_layers = self._use_onednn() if onednn and on_cpu and is_module else 0
+        self.kernel_timing: KernelTiming | None = None
+        self.onednn_layers = self._use_onednn(measure=onednn == "measure") if onednn and on_cpu and is_module else 0
 
-    def _use_onednn(self) -> int:
+    def _use_onednn(self, measure: bool) -> int:
         size = self.preprocess.size
         probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        if measure:
+            key = "|".join((self.info.name, self.precision, f"{torch.get_num_threads()} threads", _cpu_name(),
+                            f"torch {torch.__version__}"))
+            self.kernel_timing = timing = remembered_timing(
+                key, lambda: time_packing(self._forward, probe.to(self._input_dtype)), kernel_timings_file()
+            )
+            log.info(
+                "%s: %d layers take %.1f ms per image packed for oneDNN, %.1f ms as they are: %s",
+                self.info.name, timing.layers, timing.packed_ms, timing.plain_ms,
+                "packing them" if timing.packed_faster else "leaving them",
+            )
+            if not timing.packed_faster:
+                return 0
         before = self.encode(probe)
         try:
             replaced = use_onednn(self._forward)
@@ -160,3 +185,13 @@ class LoadedModel:
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+
+@functools.cache
+def _cpu_name() -> str:
+    """The CPU's model name (what kernel speed depends on), as Linux reports it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"

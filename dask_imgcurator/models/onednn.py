@@ -8,28 +8,35 @@ every ``nn.Linear`` becomes a :class:`PackedLinear` (an exact ``nn.GELU`` right 
 :class:`PackedAttention` (packed input/output projections, ``scaled_dot_product_attention`` in between).
 Results equal the original modules' up to float rounding (the tests compare them).
 
-Measured on 2-core AMD EPYCs, fp32: on an AVX-512 one (Zen 5) GEMMs of CLIP ViT-B-32's shapes ran
-at 190 GFLOP/s through MKL and 210 through packed oneDNN, and the whole encoder x1.21-1.25; on an
-AVX2-only one the packed encoder ran at x0.84. Hence the ``auto`` setting (:func:`onednn_wanted`);
-``benchmarks/README.md`` has the end-to-end figures.
+Which is faster depends on the machine, not only on its instruction set. Measured on 2-core AMD
+EPYCs, ViT-B-32 fp32: on an AVX-512 one (Zen 5) the packed encoder ran x1.21-1.25; on AVX2-only
+ones x0.84 on one host and x1.0-1.15 on another of the same CPU model. Hence the ``auto`` setting
+(:func:`onednn_mode`): at load, :func:`time_packing` times both on the model's own layers and
+shapes, and the faster is kept. ``benchmarks/README.md`` has the end-to-end figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import logging
 import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "PackedAttention", "PackedLinear", "onednn_available", "onednn_dtypes", "onednn_wanted", "use_onednn",
+    "KernelTiming", "PackedAttention", "PackedLinear", "onednn_available", "onednn_dtypes", "onednn_mode",
+    "remembered_timing", "time_packing", "use_onednn",
 ]
 
-#: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) where the packed layers beat
-#: PyTorch's defaults. Measured, ViT-B-32 fp32 encoder on 2 cores: x1.21-1.25 on AVX-512 (Zen 5),
-#: x0.84 on AVX2 (an older EPYC); MKL's GEMM stays ahead where oneDNN has no AVX-512 kernels.
-FASTER_ON = ("AVX512",)
+log = logging.getLogger(__name__)
 
 
 def onednn_available() -> bool:
@@ -43,20 +50,27 @@ def onednn_available() -> bool:
     )
 
 
-def onednn_wanted(setting: bool | str = "auto") -> bool:
-    """Whether CPU models should get the packed layers, for the ``imgcurator.models.onednn`` setting.
+def onednn_mode(setting: bool | str = "auto") -> str:
+    """What CPU models do about packed layers, for the ``imgcurator.models.onednn`` setting.
 
     Parameters
     ----------
     setting : {"auto", True, False}
-        ``"auto"``: where this PyTorch has the kernels and the CPU is one they were measured faster
-        on (:data:`FASTER_ON`); True: wherever PyTorch has the kernels; False: never.
+        ``"auto"``: time both kinds of layers at load and keep the faster (:func:`time_packing`);
+        True: pack; False: never pack.
+
+    Returns
+    -------
+    {"measure", "on", "off"}
+        "off" as well wherever this PyTorch lacks the kernels.
     """
     if isinstance(setting, str) and setting.lower() == "auto":
-        return onednn_available() and torch.backends.cpu.get_cpu_capability() in FASTER_ON
-    if isinstance(setting, bool):
-        return setting and onednn_available()
-    raise ValueError(f"imgcurator.models.onednn must be auto, true or false, not {setting!r}")
+        wanted = "measure"
+    elif isinstance(setting, bool):
+        wanted = "on" if setting else "off"
+    else:
+        raise ValueError(f"imgcurator.models.onednn must be auto, true or false, not {setting!r}")
+    return wanted if onednn_available() else "off"
 
 
 @functools.cache
@@ -258,24 +272,216 @@ def use_onednn(module: nn.Module) -> int:
     return _replace_children(module)
 
 
-def _replace_children(parent: nn.Module) -> int:
-    replaced = 0
+@dataclass(frozen=True)
+class _Replacement:
+    """One layer :func:`use_onednn` replaces: ``parent.name``, and the GELU fused into it, if any."""
+
+    parent: nn.Module
+    name: str
+    gelu_name: str | None = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return getattr(self.parent, self.name)
+
+    def packed(self) -> nn.Module:
+        layer = self.layer
+        if isinstance(layer, nn.MultiheadAttention):
+            return PackedAttention(layer)
+        return PackedLinear.from_linear(layer, "gelu" if self.gelu_name else "none")
+
+    def plain(self) -> Callable[..., torch.Tensor]:
+        layer = self.layer
+        return (lambda x: F.gelu(layer(x))) if self.gelu_name else layer
+
+
+def _replacements(parent: nn.Module) -> list[_Replacement]:
+    found = []
     children = list(parent.named_children())
     for i, (name, child) in enumerate(children):
         if isinstance(child, nn.MultiheadAttention):  # it reads its projections' weights itself: all or nothing
             if supports_attention(child) and _packable(child.in_proj_weight):
-                setattr(parent, name, PackedAttention(child))
-                replaced += 1
+                found.append(_Replacement(parent, name))
         elif isinstance(child, nn.Linear) and _packable(child.weight):
             after = children[i + 1][1] if i + 1 < len(children) else None
             fuse = isinstance(parent, nn.Sequential) and isinstance(after, nn.GELU) and after.approximate == "none"
-            setattr(parent, name, PackedLinear.from_linear(child, "gelu" if fuse else "none"))
-            if fuse:
-                setattr(parent, children[i + 1][0], nn.Identity())
-            replaced += 1
+            found.append(_Replacement(parent, name, children[i + 1][0] if fuse else None))
         else:
-            replaced += _replace_children(child)
-    return replaced
+            found.extend(_replacements(child))
+    return found
+
+
+def _replace_children(parent: nn.Module) -> int:
+    found = _replacements(parent)
+    for r in found:
+        packed = r.packed()
+        setattr(r.parent, r.name, packed)
+        if r.gelu_name:
+            setattr(r.parent, r.gelu_name, nn.Identity())
+    return len(found)
+
+
+@dataclass(frozen=True)
+class KernelTiming:
+    """What :func:`time_packing` measured: the replaced layers' time per image, both ways."""
+
+    plain_ms: float
+    packed_ms: float
+    layers: int
+
+    @property
+    def packed_faster(self) -> bool:
+        """Whether the packed layers were the faster."""
+        return self.layers > 0 and self.packed_ms < self.plain_ms
+
+
+def time_packing(module: nn.Module, sample: torch.Tensor, *, batch: int = 8, repeats: int = 5) -> KernelTiming:
+    """Time the layers :func:`use_onednn` would replace, as they are and packed, on this machine.
+
+    ``module(sample)`` runs once to record each such layer's input; each distinct layer (type,
+    weight shape, input shape) is then run on ``batch`` copies of that input, its plain and packed
+    forms taking turns ``repeats`` times after a warm-up, and the fastest run of each counts (the
+    speed of a shared machine moves between runs; turns and minima keep both sides comparable).
+    Times are weighted by how often each layer occurs. ``module`` is left as it was.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model, on the CPU, in its dtype.
+    sample : torch.Tensor
+        One input the model takes (e.g. one preprocessed image, batch of 1).
+    batch : int
+        Copies of the sample's layer inputs to time on (closer to real batches than one).
+    repeats : int
+        Timed runs of each form of each layer.
+
+    Returns
+    -------
+    KernelTiming
+    """
+    # one recorded call per distinct layer (signature), with how many times the forward pass makes it
+    calls: dict[tuple, list] = {}
+
+    def recorder(r: _Replacement):
+        def record(_layer, args, kwargs):
+            key = _signature(r, args, kwargs)
+            if key in calls:
+                calls[key][-1] += 1
+            else:
+                calls[key] = [r, args, kwargs, 1]
+        return record
+
+    hooks = [r.layer.register_forward_pre_hook(recorder(r), with_kwargs=True) for r in _replacements(module)]
+    try:
+        with torch.inference_mode():
+            module(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    plain_s = packed_s = 0.0
+    layers = 0
+    for r, args, kwargs, count in calls.values():
+        call = _batched_call(r.layer, args, kwargs, batch)
+        if call is None:
+            continue
+        plain, packed = _fastest_runs([r.plain(), r.packed()], *call, repeats)
+        plain_s, packed_s, layers = plain_s + plain * count, packed_s + packed * count, layers + count
+    return KernelTiming(plain_ms=1000 * plain_s / batch, packed_ms=1000 * packed_s / batch, layers=layers)
+
+
+def remembered_timing(key: str, measure: Callable[[], KernelTiming], path: str | os.PathLike) -> KernelTiming:
+    """The timing stored under ``key`` in the JSON file ``path``, else ``measure()``, stored there.
+
+    Measuring once per machine and model keeps later runs on the kernels of the first, so that
+    re-running a job (or resuming it) computes the same embeddings bit for bit. A file lock lets one
+    process measure while the others of the machine wait for its result. Where the file cannot be
+    written, the timing is measured each time.
+
+    Parameters
+    ----------
+    key : str
+        What the timing depends on (model, precision, threads, CPU, torch version).
+    measure : callable
+        Takes the timing (e.g. :func:`time_packing`) when none is stored.
+    path : path-like
+        The JSON file of remembered timings.
+
+    Returns
+    -------
+    KernelTiming
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock", timeout=600):
+            known = _read_timings(path)
+            if key in known:
+                return known[key]
+            timing = measure()
+            _write_timings(path, {**known, key: timing})
+            return timing
+    except (OSError, Timeout) as exc:
+        log.info("kernel timings cannot be remembered in %s (%s): measuring in this process", path, exc)
+        return measure()
+
+
+def _read_timings(path: Path) -> dict[str, KernelTiming]:
+    try:
+        stored = json.loads(path.read_text())
+        return {key: KernelTiming(**value) for key, value in stored.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, AttributeError):  # damaged or from another version: measure afresh
+        return {}
+
+
+def _write_timings(path: Path, timings: dict[str, KernelTiming]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({key: dataclasses.asdict(t) for key, t in timings.items()}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _batched_call(layer: nn.Module, args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict] | None:
+    """The recorded call with its batch ``batch`` times as large, or None where that is not simple."""
+    if isinstance(layer, nn.Linear):
+        (x,) = args
+        return (x.reshape(-1, x.shape[-1]).repeat(batch, 1),), {}
+    if len(args) != 3 or args[0].dim() != 3 or kwargs.get("key_padding_mask") is not None:
+        return None  # unbatched or padded attention: not worth timing apart
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dim() != 2:
+        return None
+    query, key, value = args
+    dim = 0 if layer.batch_first else 1
+    q = query.repeat_interleave(batch, dim=dim)
+    k = q if key is query else key.repeat_interleave(batch, dim=dim)
+    v = k if value is key else value.repeat_interleave(batch, dim=dim)
+    return (q, k, v), dict(kwargs)
+
+
+def _signature(r: _Replacement, args: tuple, kwargs: dict) -> tuple:
+    """Layer calls with equal signatures cost the same: time one of them."""
+    def describe(value):
+        return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+    weights = tuple((n, tuple(p.shape), p.dtype) for n, p in r.layer.named_parameters())
+    return (type(r.layer), weights, r.gelu_name is not None, tuple(describe(a) for a in args),
+            tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+
+
+def _fastest_runs(forms: list[Callable[..., torch.Tensor]], args: tuple, kwargs: dict, repeats: int) -> list[float]:
+    """Seconds of the fastest of ``repeats`` runs of each form, the forms taking turns (after one warm-up run)."""
+    best = [math.inf] * len(forms)
+    with torch.inference_mode():
+        for run in range(repeats + 1):
+            for i, form in enumerate(forms):
+                start = time.perf_counter()
+                form(*args, **kwargs)
+                if run:
+                    best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def _packable(weight: torch.Tensor | None) -> bool:

@@ -137,10 +137,19 @@ KNOWN_HEAD_WEIGHTS: dict[tuple[str, str], WeightFile] = {
 }
 
 
+def imgcurator_home() -> Path:
+    """Where the package keeps what it downloads or learns: ``$IMGCURATOR_HOME``, default ``~/.cache/dask_imgcurator``."""
+    return Path(os.environ.get("IMGCURATOR_HOME") or "~/.cache/dask_imgcurator").expanduser()
+
+
 def default_cache_dir() -> Path:
     """Download cache: ``$IMGCURATOR_HOME/models``, default ``~/.cache/dask_imgcurator/models``."""
-    home = os.environ.get("IMGCURATOR_HOME") or "~/.cache/dask_imgcurator"
-    return Path(home).expanduser() / "models"
+    return imgcurator_home() / "models"
+
+
+def kernel_timings_file() -> Path:
+    """Kernel timings remembered per machine and model (see :func:`~dask_imgcurator.models.onednn.remembered_timing`)."""
+    return imgcurator_home() / "kernel-timings.json"
 
 
 def is_offline(offline: bool | None = None) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 import dask
@@ -16,7 +18,8 @@ from dask_imgcurator.models import encoder as encoder_module
 from dask_imgcurator.models.encoder import LoadedModel, ModelInfo, OneDnnMismatch
 from dask_imgcurator.models import onednn
 from dask_imgcurator.models.onednn import (
-    PackedAttention, PackedLinear, onednn_available, onednn_dtypes, onednn_wanted, use_onednn,
+    KernelTiming, PackedAttention, PackedLinear, onednn_available, onednn_dtypes, onednn_mode, remembered_timing,
+    time_packing, use_onednn,
 )
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
@@ -27,7 +30,7 @@ needs_bf16_kernels = pytest.mark.skipif(
 
 @pytest.fixture
 def onednn_on():
-    """Packed layers whatever this CPU is (``auto`` leaves them off where they are slower)."""
+    """Packed layers whatever this CPU is (``auto`` leaves them off where they measured slower)."""
     with dask.config.set({"imgcurator.models.onednn": True}):
         yield
 
@@ -184,17 +187,158 @@ def test_open_clip_vit_unchanged_by_onednn() -> None:
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("capability, packed", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
-def test_auto_packs_only_on_cpus_where_it_is_faster(capability, packed, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert onednn_wanted("auto") is packed and onednn_wanted(True) and not onednn_wanted(False)
+def test_onednn_mode_follows_the_setting() -> None:
     assert dask.config.get("imgcurator.models.onednn") == "auto"  # the shipped default
-    assert (load_clip(make_tiny_model_dir(tmp_path / "m")).onednn_layers > 0) is packed
-
-
-def test_onednn_setting_must_be_auto_or_a_bool() -> None:
+    assert (onednn_mode("auto"), onednn_mode("AUTO"), onednn_mode(True), onednn_mode(False)) == ("measure",) * 2 + (
+        "on", "off")
     with pytest.raises(ValueError, match="auto, true or false, not 'fast'"):
-        onednn_wanted("fast")
+        onednn_mode("fast")
+
+
+def test_onednn_mode_is_off_without_the_kernels(monkeypatch) -> None:
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    assert onednn_mode("auto") == onednn_mode(True) == "off"
+
+
+def test_time_packing_times_every_replaceable_layer_and_leaves_the_module_alone() -> None:
+    torch.manual_seed(2)
+    block = _Block().eval()
+    before = copy.deepcopy(block)
+    x = _randn(1, 5, 16)
+    timing = time_packing(block, x, batch=4, repeats=2)
+    assert timing.layers == 4                   # what use_onednn replaces: attn, mlp's two linears, tanh_mlp's
+    assert timing.plain_ms > 0 and timing.packed_ms > 0
+    assert not any(isinstance(m, (PackedLinear, PackedAttention)) for m in block.modules())
+    assert not any(m._forward_pre_hooks for m in block.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), before(x))
+
+
+class _Repeated(nn.Module):
+    """The same layer shapes many times (as in a transformer), attention sequence-first, some padded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.ModuleList(nn.MultiheadAttention(16, 4) for _ in range(3))
+        self.proj = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, N, E)
+        padding = torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool)
+        for i, (attn, proj) in enumerate(zip(self.attn, self.proj)):
+            x = x + attn(x, x, x, need_weights=False, key_padding_mask=padding if i == 2 else None)[0]
+            x = proj(x)
+        return x
+
+
+def test_time_packing_counts_repeated_layers_and_skips_padded_attention(monkeypatch) -> None:
+    timed: list[tuple] = []
+    real = onednn._fastest_runs
+
+    def recording(forms, args, kwargs, repeats):
+        timed.append(tuple(a.shape for a in args))
+        return real(forms, args, kwargs, repeats)
+
+    monkeypatch.setattr(onednn, "_fastest_runs", recording)
+    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=3, repeats=1)
+    assert timing.layers == 5                   # 3 linears + 2 unpadded attentions; the padded one is not timed
+    # one timing per distinct layer, on 3 copies of its input (sequence-first: the batch is dim 1)
+    assert sorted(timed) == [((7, 3, 16),) * 3, ((21, 16),)]
+
+
+@pytest.mark.parametrize("packed_faster", [True, False])
+def test_auto_keeps_the_kernels_that_measured_faster(packed_faster, tmp_path, monkeypatch) -> None:
+    timing = KernelTiming(plain_ms=2.0, packed_ms=1.0 if packed_faster else 3.0, layers=6)
+    measured = []
+
+    def fake_time_packing(module, sample):
+        measured.append(tuple(sample.shape))
+        return timing
+
+    monkeypatch.setattr(encoder_module, "time_packing", fake_time_packing)
+    model = load_clip(make_tiny_model_dir(tmp_path / "m"))    # the default setting: auto
+    assert measured == [(1, 3, 32, 32)]                       # timed on one image of the model's input size
+    assert model.kernel_timing == timing
+    assert (model.onednn_layers > 0) is packed_faster
+    with dask.config.set({"imgcurator.models.onednn": True}):
+        forced = load_clip(make_tiny_model_dir(tmp_path / "m2"))
+    assert forced.onednn_layers > 0 and forced.kernel_timing is None and len(measured) == 1
+
+
+def test_auto_measures_once_per_machine_and_model_then_remembers(tmp_path, monkeypatch) -> None:
+    """A second load (another worker, a re-run) reuses the first one's choice: same kernels, same bits."""
+    from dask_imgcurator.models.clip import _load_visual
+
+    calls = []
+
+    def counting(module, sample):
+        calls.append(1)
+        return KernelTiming(plain_ms=2.0, packed_ms=1.0, layers=3)
+
+    monkeypatch.setattr(encoder_module, "time_packing", counting)
+    ref = make_tiny_model_dir(tmp_path / "m")
+    first = LoadedModel(*_load_visual(ref), onednn="measure")
+    second = LoadedModel(*_load_visual(ref), onednn="measure")
+    assert len(calls) == 1 and first.onednn_layers == second.onednn_layers > 0
+    assert second.kernel_timing == first.kernel_timing
+    stored = json.loads((Path(os.environ["IMGCURATOR_HOME"]) / "kernel-timings.json").read_text())
+    (key,) = stored
+    assert key.startswith(f"{first.info.name}|fp32|{torch.get_num_threads()} threads|")
+    assert stored[key] == {"plain_ms": 2.0, "packed_ms": 1.0, "layers": 3}
+    LoadedModel(*_load_visual(ref), precision="bf16", onednn="measure")  # another key: measured afresh
+    assert len(calls) == 2
+
+
+def test_remembered_timing_reads_what_it_wrote_and_survives_a_damaged_file(tmp_path) -> None:
+    path = tmp_path / "timings.json"
+    timings = iter([KernelTiming(1.0, 2.0, 4), KernelTiming(5.0, 3.0, 4)])
+    assert remembered_timing("a", lambda: next(timings), path) == KernelTiming(1.0, 2.0, 4)
+    assert remembered_timing("a", lambda: pytest.fail("measured again"), path) == KernelTiming(1.0, 2.0, 4)
+    path.write_text("{not json")
+    assert remembered_timing("a", lambda: next(timings), path) == KernelTiming(5.0, 3.0, 4)
+    assert json.loads(path.read_text()) == {"a": {"plain_ms": 5.0, "packed_ms": 3.0, "layers": 4}}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_remembered_timing_measures_each_time_where_it_cannot_write(tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    calls = []
+    for _ in range(2):
+        remembered_timing("a", lambda: calls.append(1) or KernelTiming(1.0, 2.0, 1), blocker / "timings.json")
+    assert len(calls) == 2
+
+
+_MEASURE_IN_A_PROCESS = r"""
+import sys, time
+from pathlib import Path
+from dask_imgcurator.models.onednn import KernelTiming, remembered_timing
+
+def measure():
+    with open(sys.argv[2], "a") as f:
+        f.write("measured\n")
+    time.sleep(1.0)
+    return KernelTiming(float(sys.argv[3]), 1.0, 2)
+
+print(remembered_timing("vit", measure, Path(sys.argv[1])).plain_ms)
+"""
+
+
+def test_processes_starting_together_measure_once(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path, log = tmp_path / "timings.json", tmp_path / "measured.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _MEASURE_IN_A_PROCESS, str(path), str(log), str(i + 2)],
+                              stdout=subprocess.PIPE, text=True) for i in range(3)]
+    results = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert log.read_text().count("measured") == 1
+    assert len(set(results)) == 1                     # all three use the one measurement
+
+
+def test_kernel_timing_with_nothing_to_pack_keeps_pytorchs_layers() -> None:
+    assert not KernelTiming(plain_ms=0.0, packed_ms=0.0, layers=0).packed_faster
+    assert KernelTiming(plain_ms=2.0, packed_ms=1.0, layers=1).packed_faster
 
 
 def test_loaded_clip_packed_equals_plain_and_can_opt_out(tmp_path: Path, onednn_on) -> None:
