@@ -358,11 +358,13 @@ def child_curate(p: dict) -> list[dict]:
         ]
         if p["batch_size"]:
             argv += ["--batch-size", str(p["batch_size"])]
+        client.run(_split_timers_start)
         with Meter() as m, contextlib.redirect_stdout(sys.stderr):
             status = cli_main(argv)
         if status != 0:
             raise RuntimeError(f"imgcurator curate exited with {status}")
         rss = client.run(peak_rss_mb)
+        split = _sum_splits(client.run(_split_timers_read))
     summary = json.loads(Path(p["out"], "summary.json").read_text())
     return [{
         "section": p.get("label", "curate"), **({"embed_source": p["embed_source"]} if p.get("embed_source") else {}), "model": p["model"], "precision": p["precision"],
@@ -371,7 +373,49 @@ def child_curate(p: dict) -> list[dict]:
         "failed": sum(summary["failed"].values()),
         "worker_peak_rss_mb": sorted(rss.values()), "worker_rss_after_warmup_mb": sorted(rss_warm.values()),
         "startup_s": round(ready, 2), **({"worker_kernels": sorted(kernels.values(), key=str)} if kernels else {}),
+        "worker_split": {**split, "encode_images_per_s": round(summary["samples_in"] / split["encode_s"], 2)
+                         if split["encode_s"] else None},
     }]
+
+
+# Where a worker's time goes during the timed curate run: wall seconds inside the model and the decoders.
+_SPLIT_TARGETS = (("dask_imgcurator.models.encoder", "LoadedModel", "encode", "encode_s"),
+                  ("dask_imgcurator.decode.dali", "DaliDecoder", "decode", "decode_s"),
+                  ("dask_imgcurator.decode.pillow", "PillowDecoder", "decode", "decode_s"))
+
+
+def _split_timers_start(dask_worker) -> None:
+    """In a worker: wrap the model's and the decoders' entry points with wall-clock timers, from zero."""
+    import importlib
+
+    totals = {"encode_s": 0.0, "decode_s": 0.0}
+    depth = {"decode_s": 0}  # DaliDecoder calls PillowDecoder: count the outer call only
+    for module, cls_name, method, key in _SPLIT_TARGETS:
+        cls = getattr(importlib.import_module(module), cls_name)
+        original = getattr(cls, f"_bench_original_{method}", None) or getattr(cls, method)
+        setattr(cls, f"_bench_original_{method}", original)
+
+        def timed(self, *args, _original=original, _key=key, **kwargs):
+            outer = depth.get(_key, 0) == 0
+            depth[_key] = depth.get(_key, 0) + 1
+            start = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                depth[_key] -= 1
+                if outer:
+                    totals[_key] += time.perf_counter() - start
+
+        setattr(cls, method, timed)
+    dask_worker.imgcurator_bench_split = totals
+
+
+def _split_timers_read(dask_worker) -> dict:
+    return dict(dask_worker.imgcurator_bench_split)
+
+
+def _sum_splits(per_worker: dict) -> dict:
+    return {key: round(sum(w[key] for w in per_worker.values()), 2) for key in ("encode_s", "decode_s")}
 
 
 def _worker_kernels(ref, precision: str) -> dict:
@@ -681,8 +725,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     for name in models:
         random_clip_dir(model_dir, name)
     # GPU workers warm up on a full batch, so that the timed run finds its kernels and memory pool ready
-    warmup_shards = bench_shards(workers, (args.batch_size or DEFAULT_BATCH_SIZE["cuda"]) if gpu else WARMUP_SAMPLES,
-                                 seed=99)
+    warmup_shards = bench_shards(max(workers, args.compare_workers or 0),
+                                 (args.batch_size or DEFAULT_BATCH_SIZE["cuda"]) if gpu else WARMUP_SAMPLES, seed=99)
 
     results: dict[tuple, list[dict]] = {}
 
@@ -722,10 +766,12 @@ def orchestrate(args: argparse.Namespace) -> int:
                 if "curate" in sections:
                     with tempfile.TemporaryDirectory(dir=work) as out:
                         record(("curate", name, precision), measure("curate", curate_params(name, precision, shards, out)))
-                    if args.compare_embed:
+                    if args.compare_embed or args.compare_workers:
+                        alt = ({"embed_source": str(Path(args.compare_embed).resolve())} if args.compare_embed else {})
+                        if args.compare_workers:
+                            alt.update(workers=args.compare_workers, threads=max(1, cores // args.compare_workers))
                         with tempfile.TemporaryDirectory(dir=work) as out:
-                            p = curate_params(name, precision, shards, out, label="curate_alt",
-                                              embed_source=str(Path(args.compare_embed).resolve()))
+                            p = curate_params(name, precision, shards, out, label="curate_alt", **alt)
                             record(("curate_alt", name, precision), measure("curate", p))
 
         for precision in precisions:
@@ -869,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="scratch directory for outputs (default: a new temp dir)")
     parser.add_argument("--compare-embed", metavar="FILE",
                         help="also run curate with embed_partition taken from FILE (a variant of stages/embed.py)")
+    parser.add_argument("--compare-workers", type=int, metavar="N",
+                        help="also run curate on N workers (cores / N torch threads each), as curate_alt")
     parser.add_argument("--max-others", type=float, default=0.15,
                         help="CPU share other processes may use during a measurement before it is retried")
     parser.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before each measurement")
