@@ -701,7 +701,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     if gpu:  # what `--cluster cuda` starts: one worker per GPU
         workers, threads = torch.cuda.device_count(), 1
     else:
-        workers = args.workers or max(1, cores // 2)  # the CLI's default: one worker per two cores
+        from dask_imgcurator.cluster import cpu_workers_for
+
+        workers = args.workers or cpu_workers_for(cores)  # the CLI's default
         threads = max(1, cores // workers)
     work = Path(args.work or tempfile.mkdtemp(prefix="imgcurator-bench-"))
     model_dir = str(Path(args.model_dir or Path(tempfile.gettempdir()) / "imgcurator-bench-models"))
@@ -906,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, help=f"default: all of {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, help="repetitions of the interleaved measurements")
     parser.add_argument("--batch-size", type=int, help="model batch size (default: the package's CPU default)")
-    parser.add_argument("--workers", type=int, help="curate worker processes (default: the CLI's, one per two cores)")
+    parser.add_argument("--workers", type=int, help="curate worker processes (default: the CLI's, one per core where memory allows)")
     parser.add_argument("--decoder", default="auto", choices=("auto", "dali", "pillow"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: ViT-L-14 bf16 (defaults) on the GPU(s) with DALI mixed decode and --cluster cuda; "

@@ -178,7 +178,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
              "processes; cuda = one worker per GPU (dask-cuda); slurm = workers in SLURM jobs (dask-jobqueue)",
     )
     where.add_argument("--scheduler", metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
-    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per two cores, or one per GPU)")
+    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per core where memory allows, or one per GPU)")
     g.add_argument("--torch-threads", type=int, metavar="N", help="torch threads per worker (default: its share of the cores)")
     g.add_argument(
         "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT",

@@ -44,6 +44,7 @@ __all__ = [
     "StopWorkerProfiler",
     "housekeeping_settings",
     "torch_threads_for",
+    "cpu_workers_for",
 ]
 
 #: Values of ``kind`` for :func:`make_cluster` (and of the CLI's ``--cluster``).
@@ -145,6 +146,52 @@ def torch_threads_for(n_workers: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, n_workers))
 
 
+def cpu_workers_for(cores: int | None = None, memory: int | None = None,
+                    memory_per_worker: int | str | None = None) -> int:
+    """Worker processes for a CPU cluster: one per core where memory allows, else fewer.
+
+    One single-threaded worker per core encoded 7-13% more images/s than one worker per two
+    cores (2-core EPYC, ViT-B-32 fp32, ``benchmarks/README.md``), but each worker holds its
+    own model. So the count is the largest divisor of ``cores`` (every worker then gets the
+    same number of torch threads) that leaves each worker ``memory_per_worker``.
+
+    Parameters
+    ----------
+    cores : int, optional
+        Cores to divide; default the cores this process may run on.
+    memory : int, optional
+        Bytes of memory for all workers; default dask's ``distributed.system.MEMORY_LIMIT``
+        (the machine's memory, or its cgroup's limit).
+    memory_per_worker : int or str, optional
+        What one worker needs (``"6GiB"``); default ``imgcurator.local.memory-per-worker``.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Examples
+    --------
+    >>> cpu_workers_for(cores=2, memory=24 * 2**30, memory_per_worker="6GiB")
+    2
+    >>> cpu_workers_for(cores=16, memory=64 * 2**30, memory_per_worker="6GiB")   # 10 would fit: 8 x 2
+    8
+    >>> cpu_workers_for(cores=4, memory=8 * 2**30, memory_per_worker="6GiB")
+    1
+    """
+    from dask.utils import parse_bytes
+
+    cores = max(1, int(cores or _usable_cores()))
+    if memory is None:
+        from distributed.system import MEMORY_LIMIT
+
+        memory = MEMORY_LIMIT
+    need = config.get("local.memory-per-worker", memory_per_worker)
+    need = parse_bytes(need) if isinstance(need, str) else int(need or 0)
+    fits = cores if need <= 0 else max(1, int(memory) // need)
+    return max(d for d in range(1, cores + 1) if cores % d == 0 and d <= fits)
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -236,8 +283,9 @@ def local_cluster(
     Parameters
     ----------
     n_workers : int, optional
-        Worker processes. Default: one per GPU with GPUs, else one per two cores
-        (``imgcurator.local.n-workers`` / ``imgcurator.cuda.n-workers``).
+        Worker processes. Default: one per GPU with GPUs, else one per core where each gets
+        ``imgcurator.local.memory-per-worker`` of memory, fewer otherwise (see
+        :func:`cpu_workers_for`; ``imgcurator.local.n-workers`` / ``imgcurator.cuda.n-workers``).
     gpu : bool, optional
         ``None`` (default): GPU workers when NVML sees GPUs. ``True``: require them (and
         dask-cuda). ``False``: CPU workers only; GPUs are hidden from them.
@@ -298,7 +346,7 @@ def _cpu_cluster(
         "local", n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
         local_directory=local_directory,
     )
-    workers = s["n_workers"] or max(1, _usable_cores() // 2)
+    workers = s["n_workers"] or cpu_workers_for()
     threads = int(s["threads_per_worker"] or 1)
     torch_threads = config.get("cluster.torch-threads", torch_threads) or torch_threads_for(workers * threads)
     if hide_gpus:

@@ -241,6 +241,36 @@ def test_torch_threads_for_splits_cores():
     assert cl.torch_threads_for(0, cores=4) == 4
 
 
+def test_cpu_workers_one_per_core_while_memory_holds_a_model_each(env):
+    gib = 2**30
+    assert cl.cpu_workers_for(cores=2, memory=24 * gib, memory_per_worker="6GiB") == 2
+    assert cl.cpu_workers_for(cores=8, memory=32 * gib, memory_per_worker="6GiB") == 4   # 5 fit; 4 divides 8
+    assert cl.cpu_workers_for(cores=6, memory=8 * gib, memory_per_worker=6 * gib) == 1
+    assert cl.cpu_workers_for(cores=3, memory=1, memory_per_worker=0) == 3                # no memory rule
+    env(DASK_IMGCURATOR__LOCAL__MEMORY_PER_WORKER="16GiB")
+    assert cl.cpu_workers_for(cores=4, memory=40 * gib) == 2                              # from config
+    assert cl.cpu_workers_for(cores=4, memory=40 * gib, memory_per_worker="1GiB") == 4    # keyword wins
+
+
+def test_local_cluster_default_layout_comes_from_cpu_workers_for(env, monkeypatch):
+    made, registered = {}, []
+
+    class FakeLocalCluster:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+    monkeypatch.setattr(cl, "LocalCluster", FakeLocalCluster)
+    monkeypatch.setattr(cl, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(cl, "_register_plugins", lambda cluster, plugins: registered.extend(plugins))
+    env(DASK_IMGCURATOR__LOCAL__MEMORY_PER_WORKER=str(10**30))   # nothing fits twice: 1 worker x 4 threads
+    cl.local_cluster(gpu=False)
+    assert made["n_workers"] == 1 and registered[0].threads == 4
+    env(DASK_IMGCURATOR__LOCAL__MEMORY_PER_WORKER="1")            # 4 workers x 1 thread
+    made.clear(), registered.clear()
+    cl.local_cluster(gpu=False)
+    assert made["n_workers"] == 4 and made["threads_per_worker"] == 1 and registered[0].threads == 1
+
+
 # ----------------------------------------------------------------------------- SLURM job scripts (no SLURM needed)
 
 
