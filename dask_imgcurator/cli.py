@@ -178,7 +178,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
              "processes; cuda = one worker per GPU (dask-cuda); slurm = workers in SLURM jobs (dask-jobqueue)",
     )
     where.add_argument("--scheduler", metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
-    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per core where memory allows, or one per GPU)")
+    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per core where memory allows, at most one per input shard; or one per GPU)")
     g.add_argument("--torch-threads", type=int, metavar="N", help="torch threads per worker (default: its share of the cores)")
     g.add_argument(
         "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT",
@@ -227,8 +227,11 @@ SLURM_OPTIONS = {
 
 
 @contextlib.contextmanager
-def _curation_client(args: argparse.Namespace):
-    """The client for model work: the given scheduler, or a new cluster (--cluster, config)."""
+def _curation_client(args: argparse.Namespace, partitions: int | None = None):
+    """The client for model work: the given scheduler, or a new cluster (--cluster, config).
+
+    A local CPU cluster gets no more default workers than ``partitions`` (input shards).
+    """
     from distributed import Client
 
     from dask_imgcurator import config
@@ -243,7 +246,10 @@ def _curation_client(args: argparse.Namespace):
             from dask_imgcurator.cluster import make_cluster
 
             kind = config.get("cluster.kind", opt("cluster"))
-            cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind)))
+            kwargs = _cluster_kwargs(args, kind)
+            if kind != "slurm" and partitions:
+                kwargs["max_workers"] = partitions
+            cluster = stack.enter_context(make_cluster(kind, **kwargs))
             client = stack.enter_context(Client(cluster))
             if kind == "slurm":
                 # No wait_for_workers here: an adaptive cluster starts jobs only once there is work.
@@ -312,7 +318,7 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
-    with _curation_client(args):
+    with _curation_client(args, partitions=ddf.npartitions):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,

@@ -147,7 +147,7 @@ def torch_threads_for(n_workers: int, cores: int | None = None) -> int:
 
 
 def cpu_workers_for(cores: int | None = None, memory: int | None = None,
-                    memory_per_worker: int | str | None = None) -> int:
+                    memory_per_worker: int | str | None = None, at_most: int | None = None) -> int:
     """Worker processes for a CPU cluster: one per core where memory allows, else fewer.
 
     One single-threaded worker per core encoded 7-13% more images/s than one worker per two
@@ -164,6 +164,8 @@ def cpu_workers_for(cores: int | None = None, memory: int | None = None,
         (the machine's memory, or its cgroup's limit).
     memory_per_worker : int or str, optional
         What one worker needs (``"6GiB"``); default ``imgcurator.local.memory-per-worker``.
+    at_most : int, optional
+        A further cap, e.g. the number of partitions (still a divisor of the cores).
 
     Returns
     -------
@@ -178,6 +180,8 @@ def cpu_workers_for(cores: int | None = None, memory: int | None = None,
     8
     >>> cpu_workers_for(cores=4, memory=8 * 2**30, memory_per_worker="6GiB")
     1
+    >>> cpu_workers_for(cores=8, memory=64 * 2**30, memory_per_worker="6GiB", at_most=3)   # 3 shards: 2 x 4
+    2
     """
     from dask.utils import parse_bytes
 
@@ -189,6 +193,8 @@ def cpu_workers_for(cores: int | None = None, memory: int | None = None,
     need = config.get("local.memory-per-worker", memory_per_worker)
     need = parse_bytes(need) if isinstance(need, str) else int(need or 0)
     fits = cores if need <= 0 else max(1, int(memory) // need)
+    if at_most is not None:
+        fits = min(fits, max(1, int(at_most)))
     return max(d for d in range(1, cores + 1) if cores % d == 0 and d <= fits)
 
 
@@ -276,6 +282,7 @@ def local_cluster(
     memory_limit: str | float | int | None = None,
     local_directory: str | None = None,
     dashboard_address: str | None = None,
+    max_workers: int | None = None,
     **kwargs: Any,
 ):
     """A cluster on this machine suited to model inference.
@@ -297,6 +304,10 @@ def local_cluster(
         Per-worker memory limit and scratch directory.
     dashboard_address : str, optional
         ``":8787"``, ``":0"`` (any free port) ...; default ``imgcurator.cluster.dashboard-address``.
+    max_workers : int, optional
+        At most this many CPU workers when their number is left to the default, e.g. the number
+        of partitions to process: a worker without a partition would only hold a model, so the
+        fewer workers get more torch threads each instead. Ignored for GPU workers.
     **kwargs
         Passed to ``LocalCluster`` / ``LocalCUDACluster`` (for the latter, e.g.
         ``rmm_pool_size``, ``rmm_maximum_pool_size``, ``protocol``).
@@ -333,20 +344,20 @@ def local_cluster(
         )
     return _cpu_cluster(
         n_workers, threads_per_worker, torch_threads, memory_limit, local_directory, dashboard_address,
-        hide_gpus=gpu is False, **kwargs,
+        hide_gpus=gpu is False, max_workers=max_workers, **kwargs,
     )
 
 
 def _cpu_cluster(
     n_workers, threads_per_worker, torch_threads, memory_limit, local_directory, dashboard_address,
-    *, pin_gpus: bool = False, hide_gpus: bool = False, **kwargs,
+    *, pin_gpus: bool = False, hide_gpus: bool = False, max_workers: int | None = None, **kwargs,
 ):
     """A LocalCluster of worker processes with torch threads set in each."""
     s = config.section(
         "local", n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
         local_directory=local_directory,
     )
-    workers = s["n_workers"] or cpu_workers_for()
+    workers = s["n_workers"] or cpu_workers_for(at_most=max_workers)
     threads = int(s["threads_per_worker"] or 1)
     torch_threads = config.get("cluster.torch-threads", torch_threads) or torch_threads_for(workers * threads)
     if hide_gpus:

@@ -247,6 +247,8 @@ def test_cpu_workers_one_per_core_while_memory_holds_a_model_each(env):
     assert cl.cpu_workers_for(cores=8, memory=32 * gib, memory_per_worker="6GiB") == 4   # 5 fit; 4 divides 8
     assert cl.cpu_workers_for(cores=6, memory=8 * gib, memory_per_worker=6 * gib) == 1
     assert cl.cpu_workers_for(cores=3, memory=1, memory_per_worker=0) == 3                # no memory rule
+    assert cl.cpu_workers_for(cores=4, memory=1, memory_per_worker=0, at_most=1) == 1
+    assert cl.cpu_workers_for(cores=6, memory=1, memory_per_worker=0, at_most=5) == 3
     env(DASK_IMGCURATOR__LOCAL__MEMORY_PER_WORKER="16GiB")
     assert cl.cpu_workers_for(cores=4, memory=40 * gib) == 2                              # from config
     assert cl.cpu_workers_for(cores=4, memory=40 * gib, memory_per_worker="1GiB") == 4    # keyword wins
@@ -269,6 +271,33 @@ def test_local_cluster_default_layout_comes_from_cpu_workers_for(env, monkeypatc
     made.clear(), registered.clear()
     cl.local_cluster(gpu=False)
     assert made["n_workers"] == 4 and made["threads_per_worker"] == 1 and registered[0].threads == 1
+    made.clear(), registered.clear()
+    cl.local_cluster(gpu=False, max_workers=3)                     # 3 partitions: 2 workers x 2 threads
+    assert made["n_workers"] == 2 and registered[0].threads == 2
+    made.clear(), registered.clear()
+    cl.local_cluster(3, gpu=False, max_workers=1)                  # an explicit count is kept
+    assert made["n_workers"] == 3 and registered[0].threads == 1
+
+
+def test_cli_caps_default_local_workers_at_the_number_of_input_shards(monkeypatch):
+    from argparse import Namespace
+
+    from dask_imgcurator import cli
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_make_cluster(kind, **kwargs):
+        asked.append((kind, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(cl, "make_cluster", fake_make_cluster)
+    for kind, expected in (("local", 3), ("auto", 3), ("slurm", None)):
+        with pytest.raises(Stop), cli._curation_client(Namespace(cluster=kind), partitions=3):
+            pass
+        assert asked[-1][0] == kind and asked[-1][1].get("max_workers") == expected
 
 
 # ----------------------------------------------------------------------------- SLURM job scripts (no SLURM needed)
