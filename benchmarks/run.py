@@ -59,7 +59,7 @@ DATA = {
 }
 #: --device cuda (ViT-L-14 bf16 by default): enough images for a few seconds at 2000 images/s per GPU.
 GPU_DATA = {"quick": (4, 256), "full": (16, 512)}
-SCALING = {"quick": (1, 32), "full": (4, 64)}  # the 1x point; 2x and 4x add shards
+SCALING = {"quick": (2, 32), "full": (4, 64)}  # the 1x point (a shard per worker on 2 cores); 2x and 4x add shards
 REPEATS = {"quick": 2, "full": 3}
 INDEX = {"quick": (2, 150), "full": (4, 250)}  # shards x samples of ~1.5 MB members
 WARMUP_SAMPLES = 40  # per worker, before curate's clock starts (model load, decoder build, first batches)
@@ -348,7 +348,10 @@ def child_curate(p: dict) -> list[dict]:
         a_cut = float(np.nanmedian(warm["aesthetic_score"]))
         n_cut = float(np.nanquantile(warm["nsfw_score"], 0.9))
         rss_warm = client.run(peak_rss_mb)
-        kernels = {} if gpu else client.run(_worker_kernels, ref, p["precision"])
+        # as a task on each worker, where the model cache is (a client.run outside tasks would load another copy)
+        kernels = {} if gpu else {
+            addr: client.submit(_worker_kernels, ref, p["precision"], workers=[addr], pure=False).result()
+            for addr in client.scheduler_info()["workers"]}
         ready = time.perf_counter() - t_start
         argv = [
             "curate", *p["shards"], "--out", p["out"], "--model", f"{ref.name}/{ref.pretrained}",
@@ -419,7 +422,7 @@ def _sum_splits(per_worker: dict) -> dict:
 
 
 def _worker_kernels(ref, precision: str) -> dict:
-    """Which kernels a worker's (cached) model uses, and what ``auto`` measured to choose them."""
+    """In a task: which kernels the worker's cached model uses, and what ``auto`` measured to choose them."""
     model = ref.load("cpu", precision)
     timing = model.kernel_timing
     return {"onednn": model.onednn_layers > 0,
@@ -737,10 +740,18 @@ def orchestrate(args: argparse.Namespace) -> int:
             emit(line)
         results.setdefault(key, []).extend(lines)
 
+    def default_layout(n_shards: int) -> tuple[int, int]:
+        """The CLI's workers x torch threads for this many input shards (no more workers than shards)."""
+        if gpu or args.workers:
+            return workers, threads
+        n = cpu_workers_for(cores, at_most=n_shards)
+        return n, max(1, cores // n)
+
     def curate_params(name: str, precision: str, shards: list[str], out: str, **extra) -> dict:
+        n, t = default_layout(len(shards))
         return {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": args.batch_size,
                 "precision": precision, "shards": shards, "warmup_shards": warmup_shards, "out": out + "/run",
-                "workers": workers, "threads": threads, "decoder": args.decoder, "samples_per_out_shard": 1000,
+                "workers": n, "threads": t, "decoder": args.decoder, "samples_per_out_shard": 1000,
                 "device": args.device, **extra}
 
     for name in models:
@@ -780,7 +791,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             if gpu:
                 _emit_gpu_ratios(results, name, precision)
             else:
-                _emit_ratios(results, name, precision, threads)
+                _emit_ratios(results, name, precision, default_layout(n_shards)[1])
 
     if "bf16" in sections:
         for line in results.get(("bf16", models[0]), []):
@@ -790,11 +801,12 @@ def orchestrate(args: argparse.Namespace) -> int:
     if "scaling" in sections:
         name = models[0]
         n_shards, per_shard = SCALING[mode]
+        sw, st = default_layout(n_shards)  # one layout for all three points: the 1x point's
         runs = []
         for factor in (1, 2, 4):
             shards = bench_shards(n_shards * factor, per_shard)
             with tempfile.TemporaryDirectory(dir=work) as out:
-                p = curate_params(name, precisions[0], shards, out, label="scaling")
+                p = curate_params(name, precisions[0], shards, out, label="scaling", workers=sw, threads=st)
                 (line,) = measure("curate", p)
             line["factor"] = factor
             line["seconds_per_image"] = round(line["seconds"] / line["images"], 4)
