@@ -721,7 +721,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     measure = Runner(args.max_others, max_wait, retries)
     t_suite = time.perf_counter()
 
-    emit({"section": "setup", "mode": mode, "cores": cores, "cpu": _cpu_name(), "bf16_instructions": _has_bf16(),
+    from dask_imgcurator.models.encoder import cpu_model
+
+    emit({"section": "setup", "mode": mode, "cores": cores, "cpu": cpu_model(), "bf16_instructions": _has_bf16(),
           "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "python": platform.python_version(), "repeats": repeats,
           "curate_workers": workers, "curate_threads_per_worker": threads, "decoder": args.decoder,
           "quiet_gate": {"max_others": args.max_others, "max_wait_s": max_wait, "retries": retries},
@@ -894,14 +896,6 @@ def _emit_gpu_ratios(results: dict, name: str, precision: str) -> None:
     if cur and alt:
         emit({"section": "ratio", "ratio": "curate/curate_alt", "device": "cuda", "model": name, "precision": precision,
               **_ratio(cur, alt)})
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _target(value: float, threshold: float | None) -> dict:

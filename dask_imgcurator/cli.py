@@ -246,10 +246,7 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
             from dask_imgcurator.cluster import make_cluster
 
             kind = config.get("cluster.kind", opt("cluster"))
-            kwargs = _cluster_kwargs(args, kind)
-            if kind != "slurm" and partitions:
-                kwargs["max_workers"] = partitions
-            cluster = stack.enter_context(make_cluster(kind, **kwargs))
+            cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind, partitions)))
             client = stack.enter_context(Client(cluster))
             if kind == "slurm":
                 # No wait_for_workers here: an adaptive cluster starts jobs only once there is work.
@@ -270,15 +267,15 @@ def _quiet_teardown_on_interrupt(exc_type, exc, tb) -> bool:
     return False
 
 
-def _cluster_kwargs(args: argparse.Namespace, kind: str) -> dict:
-    """Keyword arguments of make_cluster() from the CLI options that were given."""
+def _cluster_kwargs(args: argparse.Namespace, kind: str, partitions: int | None = None) -> dict:
+    """Keyword arguments of make_cluster() from the CLI options that were given (and the input's shards)."""
     opt = lambda name: getattr(args, name, None)  # noqa: E731
     kwargs = {"torch_threads": opt("torch_threads"), "dashboard_address": opt("dashboard") or None}
     slurm = {key: opt(name) for name, key in SLURM_OPTIONS.items() if opt(name) is not None}
     if kind != "slurm":
         if slurm or opt("slurm_adapt"):
             raise ValueError("--slurm-* options need --cluster slurm (or imgcurator.cluster.kind: slurm)")
-        return {**kwargs, "n_workers": opt("workers")}
+        return {**kwargs, "n_workers": opt("workers"), "max_workers": partitions or None}
     if opt("workers"):
         raise ValueError("--workers is for local clusters; with --cluster slurm use --slurm-jobs or --slurm-adapt")
     if opt("slurm_adapt"):

@@ -101,8 +101,8 @@ class LoadedModel:
         size = self.preprocess.size
         probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         if measure:
-            key = "|".join((self.info.name, self.precision, f"{torch.get_num_threads()} threads", _cpu_name(),
-                            f"torch {torch.__version__}"))
+            key = "|".join((self.info.name, self.precision, f"{torch.get_num_threads()} threads",
+                            f"{cpu_model()} x{os.cpu_count()}", f"torch {torch.__version__}"))
             self.kernel_timing = timing = remembered_timing(
                 key, lambda: time_packing(self._forward, probe.to(self._input_dtype)), kernel_timings_file()
             )
@@ -188,10 +188,10 @@ class LoadedModel:
 
 
 @functools.cache
-def _cpu_name() -> str:
+def cpu_model() -> str:
     """The CPU's model name (what kernel speed depends on), as Linux reports it."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
