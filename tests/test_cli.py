@@ -7,7 +7,7 @@ import webdataset as wds
 
 import dask_imgcurator as ic
 from dask_imgcurator.cli import DEMO_FILTER, main
-from dask_imgcurator.models import make_tiny_model_dir
+from dask_imgcurator.models import ClipRef, make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -136,4 +136,11 @@ def test_models_list_shows_the_tiny_model(demo_input, capsys):
     root, ref = demo_input
     assert main(["models", "list", "--model-dir", ref.model_dir]) == 0
     out = capsys.readouterr().out
-    assert ref.head_family in out and "ViT-L-14" in out
+    assert ref.head_family in out and "ViT-L-14/openai" in out
+    clip_lines = [line.split() for line in out.splitlines() if line.startswith("clip ") and ref.model_dir in line]
+    assert [fields[1] for fields in clip_lines] == [str(ref)]
+    # what the list prints is what --model takes
+    from dask_imgcurator.models.clip import clip_dir
+
+    printed = ClipRef.parse(clip_lines[0][1], model_dir=ref.model_dir, offline=True)
+    assert clip_dir(printed) == clip_dir(ref)

@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
+
 from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
 from .heads import head_weights
-from .ref import ClipRef
+from .ref import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, ClipRef
 from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, search_roots
 
 DEFAULT_CLIP = "ViT-L-14/openai"
@@ -55,7 +57,8 @@ class ModelRow:
     """One model in ``list_models``.
 
     ``kind`` is ``"clip"`` or ``"head"``; ``name`` the CLIP slug or ``head/slug``;
-    ``location`` the local path (None: not present); ``source`` where it downloads from.
+    ``location`` the local path (None: not present); ``source`` where it downloads from;
+    ``model`` (CLIP rows only) the text to pass as ``--model`` / ``ClipRef.parse``.
     """
 
     kind: str
@@ -63,6 +66,7 @@ class ModelRow:
     embed_dim: int | None
     location: str | None
     source: str
+    model: str | None = None
 
 
 def list_models(
@@ -75,7 +79,7 @@ def list_models(
     default = ClipRef.parse(DEFAULT_CLIP)
     rows = {
         ("clip", default.slug): ModelRow(
-            "clip", default.slug, clip_info(default).embed_dim, None, f"open_clip {default}"
+            "clip", default.slug, clip_info(default).embed_dim, None, f"open_clip {default}", str(default)
         )
     }
     for (head, slug), entry in KNOWN_HEAD_WEIGHTS.items():
@@ -85,7 +89,7 @@ def list_models(
         for path in sorted((root / "clip").glob("*")):
             if is_clip_dir(path):
                 dim = json.loads((path / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"]
-                _present(rows, "clip", path.name, dim, path)
+                _present(rows, "clip", path.name, dim, path, model=model_text(path))
         for path in sorted((root / "heads").glob("*/*")):
             if path.suffix in WEIGHT_SUFFIXES:
                 _present(rows, "head", f"{path.parent.name}/{path.stem}", None, path)
@@ -98,10 +102,39 @@ def list_models(
     ]
 
 
-def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path) -> None:
+def model_text(clip_dir: Path) -> str:
+    """What to pass as ``--model`` for the CLIP folder ``clip_dir`` of a model dir or cache.
+
+    Folders are named by ``ClipRef.slug`` (``ViT-L-14-openai``), which joins architecture and tag
+    with a hyphen that architecture names contain too; the longest known architecture that
+    round-trips wins. A folder no name explains is given as ``local-dir:PATH``.
+
+    >>> model_text(Path("models/clip/ViT-B-32-quickgelu-openai"))
+    'ViT-B-32-quickgelu/openai'
+    >>> model_text(Path("models/clip/hf-hub-laion--CLIP-ViT-B-32"))
+    'hf-hub:laion/CLIP-ViT-B-32'
+    """
+    from .tiny import TINY_NAME
+
+    slug = clip_dir.name
+    if slug.startswith("hf-hub-"):
+        candidates = [HF_HUB_PREFIX + slug[len("hf-hub-"):].replace("--", "/", 1)]
+    else:
+        names = sorted((n for n in (*open_clip.list_models(), TINY_NAME) if slug.startswith(n + "-")), key=len)
+        candidates = [f"{name}/{slug[len(name) + 1:]}" for name in reversed(names)]
+    for text in candidates:
+        try:
+            if ClipRef.parse(text).slug == slug:
+                return text
+        except ValueError:
+            continue
+    return LOCAL_DIR_PREFIX + str(clip_dir)
+
+
+def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path, model: str | None = None) -> None:
     old = rows.get((kind, name))
     if old is None:
-        rows[kind, name] = ModelRow(kind, name, dim, str(path), "local only")
+        rows[kind, name] = ModelRow(kind, name, dim, str(path), "local only", model)
     else:
         rows[kind, name] = dataclasses.replace(old, location=str(path), embed_dim=old.embed_dim or dim)
 

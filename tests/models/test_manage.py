@@ -8,6 +8,7 @@ import torch
 
 from dask_imgcurator.models import ClipRef, WeightsNotFoundError, download_models, list_models, store
 from dask_imgcurator.models.clip import clip_dir
+from dask_imgcurator.models.manage import model_text
 
 from .test_heads import _original_aesthetic_state
 
@@ -52,7 +53,25 @@ def test_list_models_shows_tiny_models(tiny: ClipRef) -> None:
     rows = {row.name: row for row in list_models(tiny.model_dir)}
     clip_row = rows[tiny.slug]
     assert (clip_row.kind, clip_row.embed_dim, clip_row.source) == ("clip", 32, "local only")
+    assert clip_row.model == str(tiny) == "imgcurator-tiny/d32-px32-seed0-quickgelu"
+    assert rows["ViT-L-14-openai"].model == "ViT-L-14/openai"
     for head in ("aesthetic", "nsfw"):
         row = rows[f"{head}/{tiny.slug}"]
         assert row.kind == "head" and row.embed_dim == 32 and row.location.endswith(".safetensors")
     assert rows["ViT-L-14-openai"].location is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["ViT-L-14/openai", "ViT-B-32-quickgelu/openai", "ViT-B-32/random", "imgcurator-tiny/d32-px32-seed0",
+     "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"],
+)
+def test_model_text_inverts_the_slug(text: str, tmp_path: Path) -> None:
+    slug = ClipRef.parse(text).slug
+    assert model_text(tmp_path / "clip" / slug) == text
+
+
+def test_model_text_falls_back_to_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "clip" / "my-finetune"
+    assert model_text(folder) == f"local-dir:{folder}"
+    assert ClipRef.parse(model_text(folder)).kind == "local-dir"
