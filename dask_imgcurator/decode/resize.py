@@ -1,0 +1,100 @@
+"""CLIP's resize + center crop of decoded 8-bit RGB pixels with torch's antialiased uint8 kernels.
+
+On the CPU this is the cheap half of preprocessing: torch resizes 8-bit channels-last images with
+vectorised antialiased filters, measured 5-9x faster than Pillow's and DALI's CPU resize on the
+benchmark photos (0.5 against 2.6 and 4.5 ms for a 0.6 MP JPEG), which had cost more than the
+JPEG decode itself. Like Pillow, it rounds to 8 bits after each pass, so it lands within a level
+or two of open_clip's Pillow resize (``tests/decode/test_parity.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dask_imgcurator.decode.base import PreprocessSpec
+from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
+
+__all__ = ["normalize_batch", "resize_center_crop"]
+
+#: Above this aspect ratio the resized intermediate would be wasteful (or, for hostile inputs, huge):
+#: only the kept region is resized.
+MAX_FULL_RESIZE = 4
+
+
+def resize_center_crop(
+    rgb: np.ndarray | torch.Tensor,
+    width: int,
+    height: int,
+    spec: PreprocessSpec,
+    scale: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Resize the shorter side to ``spec.size`` and center crop, as open_clip's eval transform does.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray or torch.Tensor
+        (H, W, 3) uint8 pixels, possibly decoded at reduced scale (JPEG draft): H and W may be
+        smaller than ``height`` and ``width``.
+    width, height : int
+        The image's original size, which fixes the geometry (resized size, crop offset).
+    spec : PreprocessSpec
+        Output side and interpolation.
+    scale : (float, float), optional
+        ``rgb`` pixels per original pixel along x and y (1/2, 1/4, 1/8 after a JPEG draft,
+        whose last row or column may be partly outside the image: libjpeg rounds the size up).
+        Default: the ratio of the sizes.
+
+    Returns
+    -------
+    torch.Tensor
+        (size, size, 3) uint8.
+    """
+    size = spec.size
+    pixels = torch.from_numpy(rgb) if isinstance(rgb, np.ndarray) else rgb
+    src_h, src_w = pixels.shape[:2]
+    sx, sy = scale if scale is not None else (src_w / width, src_h / height)
+    image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) with channels-last strides: torch's fast path
+    new_w, new_h = resized_size(width, height, size)
+    if max(new_w, new_h) <= MAX_FULL_RESIZE * size:
+        left, top = crop_offset(new_w, new_h, size)
+        resized = _interpolate(image, (new_h, new_w), (height * sy, width * sx), spec.interpolation)
+        out = resized[0, :, top : top + size, left : left + size]
+    else:
+        # the kept box only, widened to whole source pixels (within one source pixel of exact)
+        left, top, right, bottom = crop_box(width, height, size)
+        x0, x1 = math.floor(left * sx), min(src_w, math.ceil(right * sx))
+        y0, y1 = math.floor(top * sy), min(src_h, math.ceil(bottom * sy))
+        out = _interpolate(image[..., y0:y1, x0:x1], (size, size), (y1 - y0, x1 - x0), spec.interpolation)[0]
+    return out.permute(1, 2, 0)
+
+
+def _interpolate(
+    image: torch.Tensor, out_size: tuple[int, int], extent: tuple[float, float], interpolation: str
+) -> torch.Tensor:
+    """Resize so that ``extent`` (rows, columns from the top left, possibly fractional) of
+    ``image`` becomes ``out_size``; the result may have a row or column more, never fewer."""
+    in_size = tuple(image.shape[-2:])
+    if in_size == tuple(extent):
+        if in_size == out_size:
+            return image
+        return F.interpolate(image, size=out_size, mode=interpolation, antialias=True, align_corners=False)
+    # a fractional extent (JPEG draft): Pillow's resize box, as a scale factor torch keeps as given
+    factors = (out_size[0] / extent[0], out_size[1] / extent[1])
+    out = F.interpolate(image, scale_factor=factors, mode=interpolation, antialias=True, align_corners=False,
+                        recompute_scale_factor=False)
+    if out.shape[-2] < out_size[0] or out.shape[-1] < out_size[1]:  # float rounding took a row off
+        return F.interpolate(image, size=out_size, mode=interpolation, antialias=True, align_corners=False)
+    return out
+
+
+def normalize_batch(rows: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → contiguous float32 (N, 3, H, W): ``(x / 255 - mean) / std``, in
+    the same float32 steps as torchvision's ToTensor + Normalize."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    out = torch.empty((rows.shape[0], 3, *rows.shape[1:3]), dtype=torch.float32)
+    out.copy_(rows.permute(0, 3, 1, 2))  # transpose and widen in one pass
+    return out.div_(255).sub_(mean).div_(std)

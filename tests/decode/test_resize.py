@@ -1,0 +1,76 @@
+"""torch's resize + center crop against Pillow's (the reference PillowDecoder uses with resize="pillow")."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dask_imgcurator.decode import PillowDecoder, PreprocessSpec
+from dask_imgcurator.decode.resize import normalize_batch, resize_center_crop
+
+from .conftest import encode, photo
+
+
+def _levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(640, 480), (300, 1000), (225, 229), (16, 16)])
+def test_matches_pillow_within_a_level_almost_everywhere(size, interpolation):
+    spec = PreprocessSpec(interpolation=interpolation)
+    img = photo(*size, seed=3)
+    pixels = resize_center_crop(np.array(img), *size, spec)
+    reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info(size))
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == torch.uint8
+    diff = np.abs(pixels.numpy().astype(int) - reference.astype(int))
+    # both round to 8 bits between passes; at a few hard edges (300x1000 bicubic) up to 8 levels apart
+    assert (diff > 1).mean() < 0.001 and diff.max() <= 8
+
+
+def test_extreme_aspect_ratio_resizes_the_kept_box_only():
+    spec = PreprocessSpec()
+    img = photo(4000, 200, seed=4)  # 4480 x 224 if resized whole: over MAX_FULL_RESIZE
+    pixels = resize_center_crop(np.array(img), 4000, 200, spec)
+    reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info((4000, 200)))
+    assert pixels.shape == (224, 224, 3)
+    assert np.abs(pixels.numpy().astype(int) - reference.astype(int)).mean() < 1.0
+
+
+def test_a_reduced_scale_decode_keeps_the_original_geometry():
+    """A JPEG drafted to 1/2 has ceil(877 / 2) = 439 rows covering 438.5 original half-rows."""
+    spec = PreprocessSpec(size=160, interpolation="bilinear")
+    half = photo(617, 439, seed=6)  # what libjpeg would decode at 1/2
+    exact = resize_center_crop(np.array(half), 1234, 877, spec, scale=(617 / 1234, 438.5 / 877))
+    pillow = np.asarray(half.resize((225, 160), Image.Resampling.BILINEAR, box=(0, 0, 617, 438.5)))
+    assert _levels_apart(exact.numpy(), pillow[:, 32:192]) <= 2
+
+
+def test_normalize_batch_is_totensor_then_normalize():
+    spec = PreprocessSpec()
+    rows = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    expected = (rows.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    out = normalize_batch(rows, spec)
+    assert out.is_contiguous() and torch.equal(out, expected)
+
+
+def test_decoders_resize_with_torch_by_default():
+    spec = PreprocessSpec()
+    blob = encode(photo(640, 480, seed=1), "PNG")
+    fast = PillowDecoder(spec, draft=False).decode([blob]).pixels
+    exact = PillowDecoder(spec, draft=False, resize="pillow").decode([blob]).pixels
+    assert not torch.equal(fast, exact) and (fast - exact).abs().max() < 0.05
+
+
+def test_unknown_resize_is_refused():
+    with pytest.raises(ValueError, match="resize"):
+        PillowDecoder(PreprocessSpec(), resize="opencv")
+
+
+def _info(size):
+    from dask_imgcurator.decode.probe import ImageInfo
+
+    return ImageInfo("PNG", size[0], size[1], "RGB", has_alpha=False, is_animated=False, bit_depth=8)
