@@ -164,10 +164,13 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
     paths = [posixpath.join(root, f"part-{i:05d}.parquet") for i in range(ddf.npartitions)]
     todo = [i for i, p in enumerate(paths) if not fs.exists(p)]
     if todo:
-        parts = ddf.to_delayed()
-        stage = dask.delayed(_stage_part, pure=True)
-        tasks = [stage(parts[i], full_url(fs, paths[i]), dask_key_name=f"stage-part-{i}-{tokenize(ddf, i)}") for i in todo]
-        run_tasks(tasks, "input shards", progress, unit="shard")
+        # staged by the task that computes the partition (fused with it): each part is on disk
+        # as soon as its shard is done, and no computed partition waits in memory for a writer
+        staged = ddf.partitions[todo].map_partitions(
+            _stage_numbered_part, [full_url(fs, paths[i]) for i in todo], partition_info=True,
+            meta=pd.Series([], dtype="int64"), align_dataframes=False, token="stage-part",
+        )
+        run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")
     return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
 
 
@@ -319,6 +322,13 @@ def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tup
 
 
 # ----------------------------------------------------------------------------- tasks
+
+
+def _stage_numbered_part(df, paths: list[str], partition_info: dict | None = None) -> pd.Series:
+    """``_stage_part`` for the ``partition_info["number"]``-th of ``paths``; the row count, as a Series."""
+    if partition_info is None:  # dask probing the function on its meta
+        return pd.Series([], dtype="int64")
+    return pd.Series([_stage_part(df, paths[partition_info["number"]])], dtype="int64")
 
 
 def _stage_part(df, path: str) -> int:

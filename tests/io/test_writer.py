@@ -227,6 +227,20 @@ def test_write_uses_a_distributed_client_when_present(shard_dir, tmp_path):
     assert result.samples == 7
 
 
+def test_each_partition_is_staged_by_the_task_that_computes_it(shard_dir, tmp_path):
+    """One task per input shard: computed and written together, so no computed partition waits
+    in a worker's memory for a separate writer task (which dask ran last for the first shards)."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client, get_task_stream(client) as stream:
+        paths, skipped = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    assert skipped == 0 and all(Path(p.removeprefix("file://")).is_file() for p in paths)
+    assert len(stream.data) == ddf.npartitions
+    assert sum(pd.read_parquet(p).shape[0] for p in paths) == len(ddf)
+
+
 def test_member_names_with_spaces_need_rekey_for_the_dali_index(tmp_path):
     write_tar(tmp_path / "in.tar", [("a b.jpg", jpeg_bytes(1)), ("a b.txt", b"caption")])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
