@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -253,18 +254,28 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
                 print(f"SLURM cluster started; the work begins when its jobs ({cluster.job_name}) are running",
                       file=sys.stderr)
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        stack.push(_quiet_teardown_on_interrupt)  # runs first when the block exits
+        # runs first when the block exits; the workers of a cluster we started print to our terminal too
+        stack.push(functools.partial(_quiet_teardown_on_interrupt, None if opt("scheduler") else client))
         yield client
 
 
-def _quiet_teardown_on_interrupt(exc_type, exc, tb) -> bool:
-    """On Ctrl-C/SIGTERM, keep distributed's shutdown noise (cancelled-task tracebacks) off the terminal."""
+def _quiet_teardown_on_interrupt(client, exc_type, exc, tb) -> bool:
+    """On Ctrl-C/SIGTERM, keep distributed's shutdown noise (cancelled-task tracebacks) off the terminal:
+    in this process, and in the workers and nannies of ``client`` (the cluster this run started)."""
     if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-        import logging
-
-        for name in ("distributed", "tornado.application", "asyncio"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _silence_distributed_logs()
+        if client is not None:
+            for nanny in (False, True):
+                with contextlib.suppress(Exception):  # best effort: a worker may be gone already
+                    client.run(_silence_distributed_logs, nanny=nanny)
     return False
+
+
+def _silence_distributed_logs() -> None:
+    import logging
+
+    for name in ("distributed", "tornado.application", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _cluster_kwargs(args: argparse.Namespace, kind: str, partitions: int | None = None) -> dict:
