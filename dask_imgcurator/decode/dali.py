@@ -247,7 +247,8 @@ class DaliDecoder:
         pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
         if self.device == "cpu":
             (out,) = pipe.run()
-            crops = [resize_center_crop(np.array(out[i]), info.width, info.height, self.spec)
+            # views of DALI's output buffers (valid until the next run), resized into new tensors at once
+            crops = [resize_center_crop(np.asarray(out[i]), info.width, info.height, self.spec)
                      for i, info in enumerate(infos)]
             return normalize_batch(torch.stack(crops), self.spec)
         boxes = [crop_box(info.width, info.height, self.spec.size) for info in infos]
