@@ -324,10 +324,8 @@ def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tup
 # ----------------------------------------------------------------------------- tasks
 
 
-def _stage_numbered_part(df, paths: list[str], partition_info: dict | None = None) -> pd.Series:
+def _stage_numbered_part(df, paths: list[str], partition_info: dict) -> pd.Series:
     """``_stage_part`` for the ``partition_info["number"]``-th of ``paths``; the row count, as a Series."""
-    if partition_info is None:  # dask probing the function on its meta
-        return pd.Series([], dtype="int64")
     return pd.Series([_stage_part(df, paths[partition_info["number"]])], dtype="int64")
 
 
