@@ -13,7 +13,7 @@ import open_clip
 
 from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
 from .heads import head_weights
-from .ref import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, ClipRef
+from .ref import HF_HUB_PREFIX, HF_HUB_SLUG_PREFIX, LOCAL_DIR_PREFIX, ClipRef
 from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, search_roots
 
 DEFAULT_CLIP = "ViT-L-14/openai"
@@ -117,8 +117,8 @@ def model_text(clip_dir: Path) -> str:
     from .tiny import TINY_NAME
 
     slug = clip_dir.name
-    if slug.startswith("hf-hub-"):
-        candidates = [HF_HUB_PREFIX + slug[len("hf-hub-"):].replace("--", "/", 1)]
+    if slug.startswith(HF_HUB_SLUG_PREFIX):
+        candidates = [HF_HUB_PREFIX + slug[len(HF_HUB_SLUG_PREFIX):].replace("--", "/", 1)]
     else:
         names = sorted((n for n in (*open_clip.list_models(), TINY_NAME) if slug.startswith(n + "-")), key=len)
         candidates = [f"{name}/{slug[len(name) + 1:]}" for name in reversed(names)]

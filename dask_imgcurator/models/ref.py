@@ -10,6 +10,7 @@ from typing import Any
 import open_clip
 
 HF_HUB_PREFIX = "hf-hub:"
+HF_HUB_SLUG_PREFIX = "hf-hub-"  # hf-hub:org/repo is stored as hf-hub-org--repo
 LOCAL_DIR_PREFIX = "local-dir:"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _PATH_STARTS = ("/", "./", "../", "~")
@@ -103,7 +104,7 @@ class ClipRef:
         """Directory/file stem naming this model in a model dir (``ViT-L-14-openai``)."""
         kind = self.kind
         if kind == "hf-hub":
-            return "hf-hub-" + self.name[len(HF_HUB_PREFIX) :].replace("/", "--")
+            return HF_HUB_SLUG_PREFIX + self.name[len(HF_HUB_PREFIX) :].replace("/", "--")
         if kind == "local-dir":
             return Path(self.name[len(LOCAL_DIR_PREFIX) :]).name
         if kind == "file":
