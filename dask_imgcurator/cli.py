@@ -381,10 +381,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from dask_imgcurator.models import list_models
 
     rows = list_models(model_dir=args.model_dir)
-    print(f"{'kind':6s} {'model (clip: pass as --model)':44s} {'dim':>5s}  location / source")
+    title = "model (clip: pass as --model)"
+    width = max([len(title)] + [len(row.model or row.name) for row in rows])
+    print(f"{'kind':6s} {title:{width}s} {'dim':>5s}  location / source")
     for row in rows:
         where = row.location or f"(not present; downloads from {row.source})"
-        print(f"{row.kind:6s} {row.model or row.name:44s} {row.embed_dim or '':>5}  {where}")
+        print(f"{row.kind:6s} {row.model or row.name:{width}s} {row.embed_dim or '':>5}  {where}")
     if args.model_dir:
         print(f"local models need --model-dir {args.model_dir} beside --model")
     return 0
