@@ -40,7 +40,7 @@ def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu
         For DALI: "gpu" decodes on the GPU ("mixed" backend). Pillow always runs on the CPU.
     **kw
         Passed to the decoder class (``draft`` and ``num_threads`` for both; ``device_id``,
-        ``batch_size`` and ``max_batch_pixels`` for DALI).
+        ``batch_size`` and ``max_batch_pixels`` for DALI; ``resize`` for Pillow).
 
     Returns
     -------

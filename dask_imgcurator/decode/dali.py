@@ -256,9 +256,10 @@ class DaliDecoder:
         pipe.feed_input("roi_start", [np.array([top, left], dtype=np.float32) for left, top, _, _ in boxes])
         pipe.feed_input("roi_end", [np.array([bottom, right], dtype=np.float32) for _, _, right, bottom in boxes])
         (out,) = pipe.run()
-        return self._to_torch(out)
+        return self._gpu_output_to_torch(out)
 
-    def _to_torch(self, out: Any) -> torch.Tensor:
+    def _gpu_output_to_torch(self, out: Any) -> torch.Tensor:
+        """The GPU pipeline's (N, 3, size, size) float output as a CUDA tensor, on torch's stream."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         size = self.spec.size
