@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpe
 from dask_imgcurator.decode.pillow import PillowDecoder, draft_reduces
 from dask_imgcurator.decode.preprocess import crop_box
 from dask_imgcurator.decode.probe import ImageInfo, probe_image
-from dask_imgcurator.decode.resize import normalize_batch, resize_center_crop
+from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_center_crop
 
 __all__ = ["DaliDecoder", "dali_available"]
 
@@ -152,11 +152,10 @@ class DaliDecoder:
         DecodedBatch
             Pixels on :attr:`torch_device`. A failed image gets an error string and no row.
         """
-        n, size = len(blobs), self.spec.size
+        n = len(blobs)
         width = np.full(n, -1, dtype=np.int64)
         height = np.full(n, -1, dtype=np.int64)
         errors: list[str | None] = [None] * n
-        rows: list[torch.Tensor | None] = [None] * n
         to_dali: list[tuple[int, ImageInfo]] = []
         to_pillow: list[int] = []
         for i, blob in enumerate(blobs):
@@ -170,30 +169,66 @@ class DaliDecoder:
                 to_dali.append((i, info))
             else:
                 to_pillow.append(i)
+        decode = self._decode_cpu if self.device == "cpu" else self._decode_gpu
+        return DecodedBatch(pixels=decode(blobs, to_dali, to_pillow, errors), width=width, height=height, errors=errors)
+
+    def _decode_cpu(
+        self, blobs: Sequence[bytes], to_dali: list[tuple[int, ImageInfo]], to_pillow: list[int],
+        errors: list[str | None],
+    ) -> torch.Tensor:
+        """DALI's and Pillow's shares, each image written straight into its row of one batch."""
+        batch = empty_batch(len(blobs), self.spec)
+
+        def pillow_into(indices: list[int]) -> list[str | None]:
+            return self._pillow.decode_into([blobs[i] for i in indices], [batch[i] for i in indices])[0]
+
+        def store(i: int, crop: torch.Tensor) -> None:
+            batch[i].copy_(crop)  # uint8 → float in the same pass
 
         # Pillow's share (large JPEGs in draft mode, images DALI would convert differently) is decoded
         # in a side thread while DALI decodes the rest, so that neither waits with a core idle.
         with ThreadPoolExecutor(1, thread_name_prefix="imgcurator-pillow-side") as side:
-            pillow_part = side.submit(self._pillow.decode, [blobs[i] for i in to_pillow]) if to_pillow else None
-            dali_failures = self._decode_on_dali(blobs, to_dali, rows)
+            pillow_part = side.submit(pillow_into, to_pillow) if to_pillow else None
+            dali_failures = self._decode_on_dali(blobs, to_dali, store)
             if pillow_part is not None:
-                self._merge(to_pillow, pillow_part.result(), rows, errors)
+                self._merge_errors(to_pillow, pillow_part.result(), errors)
         if dali_failures:  # Pillow may still read what DALI refused
             retry = sorted(dali_failures)
-            self._merge(retry, self._pillow.decode([blobs[i] for i in retry]), rows, errors, dali_failures)
+            self._merge_errors(retry, pillow_into(retry), errors, dali_failures)
+        return normalized_rows(batch, errors, self.spec)
 
+    def _decode_gpu(
+        self, blobs: Sequence[bytes], to_dali: list[tuple[int, ImageInfo]], to_pillow: list[int],
+        errors: list[str | None],
+    ) -> torch.Tensor:
+        """DALI's normalised CUDA rows, and Pillow's share (images DALI would convert differently) copied over."""
+        rows: list[torch.Tensor | None] = [None] * len(blobs)
+
+        def place(indices: list[int], part: DecodedBatch, failures: dict[int, str] | None = None) -> None:
+            self._merge_errors(indices, part.errors, errors, failures)
+            decoded = iter(part.pixels.to(self.torch_device))
+            for i, error in zip(indices, part.errors):
+                if error is None:
+                    rows[i] = next(decoded)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="imgcurator-pillow-side") as side:
+            pillow_part = side.submit(self._pillow.decode, [blobs[i] for i in to_pillow]) if to_pillow else None
+            dali_failures = self._decode_on_dali(blobs, to_dali, rows.__setitem__)
+            if pillow_part is not None:
+                place(to_pillow, pillow_part.result())
+        if dali_failures:
+            retry = sorted(dali_failures)
+            place(retry, self._pillow.decode([blobs[i] for i in retry]), dali_failures)
         kept = [r for r, e in zip(rows, errors) if e is None]
-        pixels = (
-            torch.stack(kept)
-            if kept
-            else torch.empty((0, 3, size, size), dtype=torch.float32, device=self.torch_device)
-        )
-        return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+        if not kept:
+            return torch.empty((0, 3, self.spec.size, self.spec.size), dtype=torch.float32, device=self.torch_device)
+        return torch.stack(kept)
 
     def _decode_on_dali(
-        self, blobs: Sequence[bytes], items: list[tuple[int, ImageInfo]], rows: list[torch.Tensor | None]
+        self, blobs: Sequence[bytes], items: list[tuple[int, ImageInfo]], store: Callable[[int, torch.Tensor], Any]
     ) -> dict[int, str]:
-        """Decode ``items`` (index, header) with DALI into ``rows``; returns DALI's reason for each failure."""
+        """Decode ``items`` (index, header) with DALI, handing each result to ``store(index, pixels)``;
+        returns DALI's reason for each failure."""
         failures: dict[int, str] = {}
         for chunk in _chunks(items, self.batch_size, self.max_batch_pixels):
             results = self._run_chunk([blobs[i] for i, _ in chunk], [info for _, info in chunk])
@@ -201,22 +236,18 @@ class DaliDecoder:
                 if isinstance(result, str):
                     failures[i] = result
                 else:
-                    rows[i] = result
+                    store(i, result)
         return failures
 
-    def _merge(
-        self,
-        indices: list[int],
-        batch: DecodedBatch,
-        rows: list[torch.Tensor | None],
-        errors: list[str | None],
+    @staticmethod
+    def _merge_errors(
+        indices: list[int], part_errors: list[str | None], errors: list[str | None],
         dali_failures: dict[int, str] | None = None,
     ) -> None:
-        """Put Pillow's results for ``indices`` in place; an error also names DALI's, if DALI failed first."""
-        decoded = iter(batch.pixels.to(self.torch_device))
-        for i, error in zip(indices, batch.errors):
+        """Put Pillow's errors for ``indices`` in place; an error also names DALI's, if DALI failed first."""
+        for i, error in zip(indices, part_errors):
             if error is None:
-                rows[i] = next(decoded)
+                errors[i] = None
             elif dali_failures and i in dali_failures:
                 errors[i] = f"{error}; {dali_failures[i]}"
             else:
@@ -240,7 +271,8 @@ class DaliDecoder:
                 return [_dali_reason(exc)]
         return [self._run_chunk([blob], [info])[0] for blob, info in zip(blobs, infos)]
 
-    def _run(self, blobs: list[bytes], infos: list[ImageInfo]) -> torch.Tensor:
+    def _run(self, blobs: list[bytes], infos: list[ImageInfo]) -> Sequence[torch.Tensor]:
+        """One pipeline run: on the CPU (3, size, size) uint8 crops, on the GPU normalised float rows."""
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
@@ -248,9 +280,8 @@ class DaliDecoder:
         if self.device == "cpu":
             (out,) = pipe.run()
             # views of DALI's output buffers (valid until the next run), resized into new tensors at once
-            crops = [resize_center_crop(np.asarray(out[i]), info.width, info.height, self.spec)
-                     for i, info in enumerate(infos)]
-            return normalize_batch(torch.stack(crops), self.spec)
+            return [resize_center_crop(np.asarray(out[i]), info.width, info.height, self.spec)
+                    for i, info in enumerate(infos)]
         boxes = [crop_box(info.width, info.height, self.spec.size) for info in infos]
         # DALI's ROI is (y, x) ordered, like the tensor shape
         pipe.feed_input("roi_start", [np.array([top, left], dtype=np.float32) for left, top, _, _ in boxes])

@@ -11,7 +11,7 @@ from PIL import Image
 from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpec
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 from dask_imgcurator.decode.probe import ImageInfo, open_image
-from dask_imgcurator.decode.resize import MAX_FULL_RESIZE, normalize_batch, resize_center_crop
+from dask_imgcurator.decode.resize import MAX_FULL_RESIZE, empty_batch, normalized_rows, resize_center_crop
 
 __all__ = ["PillowDecoder", "draft_reduces"]
 
@@ -77,8 +77,23 @@ class PillowDecoder:
         DecodedBatch
             A failed image gets an error string and no row; the others are unaffected.
         """
-        n, size = len(blobs), self.spec.size
-        rows = np.empty((n, size, size, 3), dtype=np.uint8)
+        batch = empty_batch(len(blobs), self.spec)
+        errors, width, height = self.decode_into(blobs, list(batch))
+        return DecodedBatch(pixels=normalized_rows(batch, errors, self.spec), width=width, height=height, errors=errors)
+
+    def decode_into(
+        self, blobs: Sequence[bytes], rows: Sequence[torch.Tensor]
+    ) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+        """Decode ``blobs[i]`` into ``rows[i]``, a float32 (3, size, size) tensor, as 0..255 values
+        (not normalised: see :func:`~dask_imgcurator.decode.resize.normalized_rows`).
+
+        Returns
+        -------
+        (errors, width, height)
+            Per image: the error or None (a failed image leaves its row as it was), and the size
+            from its header (-1 where unknown).
+        """
+        n = len(blobs)
         width = np.full(n, -1, dtype=np.int64)
         height = np.full(n, -1, dtype=np.int64)
         errors: list[str | None] = [None] * n
@@ -93,23 +108,22 @@ class PillowDecoder:
         else:
             for i in range(n):
                 decode_into(i)
-        ok = [i for i, e in enumerate(errors) if e is None]
-        pixels = normalize_batch(torch.from_numpy(rows[ok]), self.spec)
-        return DecodedBatch(pixels=pixels, width=width, height=height, errors=errors)
+        return errors, width, height
 
-    def _decode_one(self, blob: bytes, out: np.ndarray) -> tuple[str | None, int, int]:
+    def _decode_one(self, blob: bytes, out: torch.Tensor) -> tuple[str | None, int, int]:
         """Decode one image into ``out``; returns (error or None, width, height)."""
         try:
             img, info = open_image(blob, self.spec.max_pixels)
         except DecodeError as exc:
             return str(exc), exc.width, exc.height
         try:
-            out[...] = self._crop_rgb(img, info)
+            out.copy_(self._crop_rgb(img, info))
         except Exception as exc:  # a broken image must cost its own row only
             return _describe(exc, info), info.width, info.height
         return None, info.width, info.height
 
-    def _crop_rgb(self, img: Image.Image, info: ImageInfo) -> np.ndarray:
+    def _crop_rgb(self, img: Image.Image, info: ImageInfo) -> torch.Tensor:
+        """The opened image converted, resized and center cropped: (3, size, size) uint8."""
         size = self.spec.size
         # Source pixels per original pixel: 1, or 1/2, 1/4, 1/8 once libjpeg decodes at reduced scale.
         fx = fy = 1.0
@@ -117,7 +131,7 @@ class PillowDecoder:
             fx, fy = self._apply_draft(img, info)
         rgb = _to_rgb(img, info)
         if self.resize == "torch":
-            return resize_center_crop(np.array(rgb), info.width, info.height, self.spec, scale=(fx, fy)).numpy()
+            return resize_center_crop(np.array(rgb), info.width, info.height, self.spec, scale=(fx, fy))
         resample = _RESAMPLE[self.spec.interpolation]
         new_w, new_h = resized_size(info.width, info.height, size)
         if max(new_w, new_h) <= MAX_FULL_RESIZE * size:
@@ -125,10 +139,10 @@ class PillowDecoder:
             # cropping box orders its two passes differently and drifts by a few levels.)
             left, top = crop_offset(new_w, new_h, size)
             resized = rgb.resize((new_w, new_h), resample, box=(0, 0, info.width * fx, info.height * fy))
-            return np.asarray(resized.crop((left, top, left + size, top + size)))
+            return _chw(resized.crop((left, top, left + size, top + size)))
         # Extreme aspect ratios: resize only the kept region instead of a huge intermediate.
         left, top, right, bottom = crop_box(info.width, info.height, size)
-        return np.asarray(rgb.resize((size, size), resample, box=(left * fx, top * fy, right * fx, bottom * fy)))
+        return _chw(rgb.resize((size, size), resample, box=(left * fx, top * fy, right * fx, bottom * fy)))
 
     def _apply_draft(self, img: Image.Image, info: ImageInfo) -> tuple[float, float]:
         """Ask libjpeg for a power-of-two reduction whose shorter side stays >= 2 * spec.size.
@@ -146,6 +160,11 @@ class PillowDecoder:
             return 1.0, 1.0
         _, (_, _, scaled_w, scaled_h) = drafted
         return scaled_w / info.width, scaled_h / info.height
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    """An RGB Pillow image as a (3, H, W) uint8 tensor (channels-last strides)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def draft_reduces(info: ImageInfo, size: int) -> bool:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dask_imgcurator.decode.base import PreprocessSpec
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 
-__all__ = ["normalize_batch", "resize_center_crop"]
+__all__ = ["empty_batch", "normalized_rows", "normalize_", "resize_center_crop"]
 
 #: Above this aspect ratio the resized intermediate would be wasteful (or, for hostile inputs, huge):
 #: only the kept region is resized.
@@ -50,7 +50,9 @@ def resize_center_crop(
     Returns
     -------
     torch.Tensor
-        (size, size, 3) uint8.
+        (3, size, size) uint8, a new tensor (never a view of ``rgb``), possibly with strides of
+        a larger resized image: copy it into a row of :func:`empty_batch` (``batch[i].copy_(crop)``
+        widens it to float in the same pass).
     """
     size = spec.size
     pixels = torch.from_numpy(rgb) if isinstance(rgb, np.ndarray) else rgb
@@ -68,7 +70,7 @@ def resize_center_crop(
         x0, x1 = math.floor(left * sx), min(src_w, math.ceil(right * sx))
         y0, y1 = math.floor(top * sy), min(src_h, math.ceil(bottom * sy))
         out = _interpolate(image[..., y0:y1, x0:x1], (size, size), (y1 - y0, x1 - x0), spec.interpolation)[0]
-    return out.permute(1, 2, 0)
+    return out
 
 
 def _interpolate(
@@ -78,8 +80,8 @@ def _interpolate(
     ``image`` becomes ``out_size``; the result may have a row or column more, never fewer."""
     in_size = tuple(image.shape[-2:])
     if in_size == tuple(extent):
-        if in_size == out_size:
-            return image
+        if in_size == out_size:  # a copy all the same: the input may be a decoder's reused buffer
+            return image.clone()
         return F.interpolate(image, size=out_size, mode=interpolation, antialias=True, align_corners=False)
     # a fractional extent (JPEG draft): Pillow's resize box, as a scale factor torch keeps as given
     factors = (out_size[0] / extent[0], out_size[1] / extent[1])
@@ -90,11 +92,23 @@ def _interpolate(
     return out
 
 
-def normalize_batch(rows: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → contiguous float32 (N, 3, H, W): ``(x / 255 - mean) / std``, in
-    the same float32 steps as torchvision's ToTensor + Normalize."""
+def empty_batch(n: int, spec: PreprocessSpec) -> torch.Tensor:
+    """An uninitialised float32 (n, 3, size, size) batch, for crops copied in row by row and
+    then :func:`normalize_`. (Copying a channels-first uint8 crop into a row widens it in one
+    pass; going through a channels-last uint8 batch transposed every image twice.)"""
+    return torch.empty((n, 3, spec.size, spec.size), dtype=torch.float32)
+
+
+def normalize_(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """In place: float32 (N, 3, H, W) of 0..255 values → ``(x / 255 - mean) / std``, in the same
+    float32 steps as torchvision's ToTensor + Normalize. Returns ``batch``."""
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty((rows.shape[0], 3, *rows.shape[1:3]), dtype=torch.float32)
-    out.copy_(rows.permute(0, 3, 1, 2))  # transpose and widen in one pass
-    return out.div_(255).sub_(mean).div_(std)
+    return batch.div_(255).sub_(mean).div_(std)
+
+
+def normalized_rows(batch: torch.Tensor, errors: list[str | None], spec: PreprocessSpec) -> torch.Tensor:
+    """The rows of ``batch`` (0..255 floats) whose ``errors`` entry is None, normalised: what
+    :class:`~dask_imgcurator.decode.base.DecodedBatch` holds. No copy when every row decoded."""
+    ok = [i for i, error in enumerate(errors) if error is None]
+    return normalize_(batch if len(ok) == len(batch) else batch[ok], spec)

@@ -70,6 +70,14 @@ def test_matrix_cases_agree_with_pillow(name, spec):
     assert (a - b).abs().max() < 0.1
 
 
+def _spy_on_pillow(dec: DaliDecoder, monkeypatch) -> list[bytes]:
+    """The blobs a CPU DaliDecoder hands to its PillowDecoder, in order."""
+    routed: list[bytes] = []
+    decode_into = dec._pillow.decode_into
+    monkeypatch.setattr(dec._pillow, "decode_into", lambda blobs, rows: routed.extend(blobs) or decode_into(blobs, rows))
+    return routed
+
+
 @pytest.mark.parametrize(
     "blob",
     [
@@ -83,9 +91,7 @@ def test_matrix_cases_agree_with_pillow(name, spec):
 )
 def test_unusual_images_go_to_pillow(spec, blob, monkeypatch):
     dec = DaliDecoder(spec)
-    routed = []
-    pillow_decode = dec._pillow.decode
-    monkeypatch.setattr(dec._pillow, "decode", lambda blobs: routed.extend(blobs) or pillow_decode(blobs))
+    routed = _spy_on_pillow(dec, monkeypatch)
     out = dec.decode([encode(photo(80, 60)), blob])
     assert routed == [blob]
     assert out.errors == [None, None]
@@ -97,9 +103,7 @@ def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
     big_png = encode(photo(1600, 900), "PNG")
     dec = DaliDecoder(spec, num_threads=2)
     assert dec._pillow.draft and dec._pillow.num_threads == 2
-    routed = []
-    pillow_decode = dec._pillow.decode
-    monkeypatch.setattr(dec._pillow, "decode", lambda blobs: routed.extend(blobs) or pillow_decode(blobs))
+    routed = _spy_on_pillow(dec, monkeypatch)
     out = dec.decode([small, big_jpeg, big_png])
     assert routed == [big_jpeg]  # shorter side 900 >= 4 * 224; the 900 px PNG has no reduced decode
     assert out.errors == [None] * 3
@@ -107,7 +111,8 @@ def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
     assert (out.pixels[1] - DaliDecoder(spec, draft=False).decode([big_jpeg]).pixels[0]).abs().max() < 0.15
 
     whole = DaliDecoder(spec, draft=False)
-    monkeypatch.setattr(whole._pillow, "decode", lambda blobs: pytest.fail("nothing should go to Pillow"))
+    for method in ("decode", "decode_into"):
+        monkeypatch.setattr(whole._pillow, method, lambda *args: pytest.fail("nothing should go to Pillow"))
     assert whole.decode([small, big_jpeg, big_png]).errors == [None] * 3
 
 
@@ -125,18 +130,18 @@ def test_pillow_share_is_decoded_while_dali_runs(spec, monkeypatch):
     dec = DaliDecoder(spec)
     pillow_started = threading.Event()
     pillow_threads, overlapped = [], []
-    pillow_decode, dali_run = dec._pillow.decode, dec._run
+    pillow_decode, dali_run = dec._pillow.decode_into, dec._run
 
-    def pillow(blobs):
+    def pillow(blobs, rows):
         pillow_threads.append(threading.get_ident())
         pillow_started.set()
-        return pillow_decode(blobs)
+        return pillow_decode(blobs, rows)
 
     def dali(blobs, infos):
         overlapped.append(pillow_started.wait(timeout=30))  # False if Pillow only starts after DALI
         return dali_run(blobs, infos)
 
-    monkeypatch.setattr(dec._pillow, "decode", pillow)
+    monkeypatch.setattr(dec._pillow, "decode_into", pillow)
     monkeypatch.setattr(dec, "_run", dali)
     blobs = [encode(photo(640, 480)), encode(photo(1600, 900, seed=1)), encode(photo(80, 60).convert("CMYK"))]
     out = dec.decode(blobs)

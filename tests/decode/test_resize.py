@@ -7,13 +7,17 @@ import torch
 from PIL import Image
 
 from dask_imgcurator.decode import PillowDecoder, PreprocessSpec
-from dask_imgcurator.decode.resize import normalize_batch, resize_center_crop
+from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_center_crop
 
 from .conftest import encode, photo
 
 
 def _levels_apart(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def _hwc(chw: torch.Tensor) -> np.ndarray:
+    return chw.permute(1, 2, 0).numpy()
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
@@ -23,8 +27,8 @@ def test_matches_pillow_within_a_level_almost_everywhere(size, interpolation):
     img = photo(*size, seed=3)
     pixels = resize_center_crop(np.array(img), *size, spec)
     reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info(size))
-    assert pixels.shape == (224, 224, 3) and pixels.dtype == torch.uint8
-    diff = np.abs(pixels.numpy().astype(int) - reference.astype(int))
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+    diff = np.abs(pixels.numpy().astype(int) - reference.numpy().astype(int))
     # both round to 8 bits between passes; at a few hard edges (300x1000 bicubic) up to 8 levels apart
     assert (diff > 1).mean() < 0.001 and diff.max() <= 8
 
@@ -34,8 +38,8 @@ def test_extreme_aspect_ratio_resizes_the_kept_box_only():
     img = photo(4000, 200, seed=4)  # 4480 x 224 if resized whole: over MAX_FULL_RESIZE
     pixels = resize_center_crop(np.array(img), 4000, 200, spec)
     reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info((4000, 200)))
-    assert pixels.shape == (224, 224, 3)
-    assert np.abs(pixels.numpy().astype(int) - reference.astype(int)).mean() < 1.0
+    assert pixels.shape == (3, 224, 224)
+    assert np.abs(pixels.numpy().astype(int) - reference.numpy().astype(int)).mean() < 1.0
 
 
 def test_a_reduced_scale_decode_keeps_the_original_geometry():
@@ -44,17 +48,31 @@ def test_a_reduced_scale_decode_keeps_the_original_geometry():
     half = photo(617, 439, seed=6)  # what libjpeg would decode at 1/2
     exact = resize_center_crop(np.array(half), 1234, 877, spec, scale=(617 / 1234, 438.5 / 877))
     pillow = np.asarray(half.resize((225, 160), Image.Resampling.BILINEAR, box=(0, 0, 617, 438.5)))
-    assert _levels_apart(exact.numpy(), pillow[:, 32:192]) <= 2
+    assert _levels_apart(_hwc(exact), pillow[:, 32:192]) <= 2
 
 
-def test_normalize_batch_is_totensor_then_normalize():
-    spec = PreprocessSpec()
-    rows = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+def test_crop_of_an_image_already_at_size_is_a_copy():
+    """Decoders hand in views of buffers they reuse (DALI's output): the crop must not alias them."""
+    rgb = np.array(photo(224, 224, seed=7))
+    crop = resize_center_crop(rgb, 224, 224, PreprocessSpec())
+    assert np.array_equal(_hwc(crop), rgb)
+    rgb[:] = 0
+    assert int(crop.max()) > 0
+
+
+def test_normalized_rows_are_totensor_then_normalize_of_the_decoded_rows():
+    spec = PreprocessSpec(size=8)
+    crops = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    expected = (rows.permute(0, 3, 1, 2).float() / 255 - mean) / std
-    out = normalize_batch(rows, spec)
-    assert out.is_contiguous() and torch.equal(out, expected)
+    expected = (crops.float() / 255 - mean) / std  # torchvision: ToTensor, then Normalize
+    batch = empty_batch(3, spec)
+    for row, crop in zip(batch, crops):
+        row.copy_(crop)
+    kept = normalized_rows(batch.clone(), [None, None, None], spec)
+    assert kept.is_contiguous() and torch.equal(kept, expected)
+    assert torch.equal(normalized_rows(batch.clone(), [None, "broken", None], spec), expected[[0, 2]])
+    assert normalized_rows(batch.clone(), ["a", "b", "c"], spec).shape == (0, 3, 8, 8)
 
 
 def test_decoders_resize_with_torch_by_default():
