@@ -26,10 +26,9 @@ from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_c
 
 __all__ = ["DaliDecoder", "dali_available"]
 
-# What goes to DALI: plain 8-bit RGB/gray stills in formats it decodes like Pillow. Everything
-# else (alpha, palettes, CMYK, 16-bit, animations, GIF, ...) needs Pillow's conversions.
+# What goes to DALI: plain 8-bit RGB/gray stills (ImageInfo.is_plain) in formats it decodes like
+# Pillow. Everything else (alpha, palettes, CMYK, 16-bit, animations, GIF, ...) needs Pillow's conversions.
 _DALI_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
-_DALI_MODES = frozenset({"RGB", "L"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,13 +349,7 @@ class DaliDecoder:
 
 
 def _dali_handles(info: ImageInfo) -> bool:
-    return (
-        info.format in _DALI_FORMATS
-        and info.mode in _DALI_MODES
-        and info.bit_depth == 8
-        and not info.has_alpha
-        and not info.is_animated
-    )
+    return info.format in _DALI_FORMATS and info.is_plain
 
 
 def _dali_reason(exc: Exception) -> str:

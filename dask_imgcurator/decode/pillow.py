@@ -1,4 +1,4 @@
-"""Reference CPU decoder: Pillow decode + CLIP preprocessing, identical to open_clip's eval transform."""
+"""The CPU decoder without DALI: Pillow (and torchvision's decoders) + CLIP preprocessing, as open_clip's eval transform."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +23,17 @@ _RESIZERS = ("torch", "pillow")
 # a shorter-side-only draft, for about 30% more time; both are ~2x faster than no draft.
 _DRAFT_GAP = 2
 _DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: multi-picture JPEGs from cameras and phones
+# Plain images in these formats are decoded by torchvision (see PillowDecoder._fast_pixels).
+_TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
 class PillowDecoder:
     """Decode with Pillow, one image at a time.
 
-    Every image is converted to RGB (alpha composited onto white, 16-bit scaled to 8-bit,
+    Pillow opens and checks every image. The pixels of plain 8-bit RGB or gray JPEG, PNG and
+    WebP stills that are not drafted come from torchvision's decoders, the same libraries
+    returning the same pixels ~1.5x faster (with ``resize="torch"``, the default). Every image
+    is converted to RGB (alpha composited onto white, 16-bit scaled to 8-bit,
     first frame of animations), its shorter side resized to ``spec.size`` and center cropped,
     as torchvision does for PIL images, then scaled to 0..1 and normalised. Like open_clip,
     EXIF orientation is not applied. With ``resize="pillow"`` and no draft the output is
@@ -117,10 +122,39 @@ class PillowDecoder:
         except DecodeError as exc:
             return str(exc), exc.width, exc.height
         try:
-            out.copy_(self._crop_rgb(img, info))
+            pixels = self._fast_pixels(blob, info)
+            if pixels is not None:
+                out.copy_(resize_center_crop(pixels, info.width, info.height, self.spec))
+            else:
+                out.copy_(self._crop_rgb(img, info))
         except Exception as exc:  # a broken image must cost its own row only
             return _describe(exc, info), info.width, info.height
         return None, info.width, info.height
+
+    def _fast_pixels(self, blob: bytes, info: ImageInfo) -> torch.Tensor | None:
+        """(H, W, 3) uint8 pixels from torchvision's decoders, for plain JPEG/PNG/WebP images
+        resized by torch at full scale; None where Pillow decodes (draft, conversions, its resize).
+
+        torchvision wraps the same libjpeg-turbo, libpng and libwebp as Pillow and returns the
+        same pixels (``tests/decode/test_pillow.py``), ~1.5x faster: on the benchmark photos, one
+        thread, JPEG 0.56 against 0.89 ms below 448 px and 2.25 against 3.28 ms below 896 px,
+        WebP 1.2-1.6x, PNG 1.15-1.25x. Anything it refuses (a corrupt file, a format this
+        torchvision lacks) returns None, and Pillow's decode gives the image's error.
+        """
+        if self.resize != "torch" or info.format not in _TORCHVISION_FORMATS or not info.is_plain:
+            return None
+        if self.draft and draft_reduces(info, self.spec.size):
+            return None
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            # bytearray: torch wants a writable buffer; the copy is of the compressed bytes only
+            chw = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return None
+        if tuple(chw.shape[1:]) != (info.height, info.width):  # not what the header said: Pillow decides
+            return None
+        return chw.permute(1, 2, 0)
 
     def _crop_rgb(self, img: Image.Image, info: ImageInfo) -> torch.Tensor:
         """The opened image converted, resized and center cropped: (3, size, size) uint8."""

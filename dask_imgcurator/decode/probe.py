@@ -12,6 +12,7 @@ from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS, DecodeError
 __all__ = ["ImageInfo", "open_image", "probe_image"]
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_PLAIN_MODES = frozenset({"RGB", "L"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Serialises the brief window in which Pillow's own pixel limit is lifted (a process-wide global).
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -44,6 +45,13 @@ class ImageInfo:
     has_alpha: bool
     is_animated: bool
     bit_depth: int
+
+    @property
+    def is_plain(self) -> bool:
+        """An 8-bit RGB or gray still image without transparency: its pixels need no conversion
+        beyond gray → RGB, so any decoder of its format yields what Pillow's ``convert("RGB")`` does."""
+        return (self.mode in _PLAIN_MODES and self.bit_depth == 8 and not self.has_alpha
+                and not self.is_animated)
 
 
 def probe_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:

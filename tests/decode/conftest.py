@@ -214,3 +214,14 @@ def photo_jpegs() -> list[bytes]:
 @pytest.fixture(scope="session")
 def truncated_jpeg(photo_jpegs) -> bytes:
     return photo_jpegs[0][: len(photo_jpegs[0]) // 2]
+
+
+def unusual_images() -> dict[str, bytes]:
+    """Images that need Pillow's conversions (neither DALI nor torchvision decodes them), by name."""
+    return {
+        "cmyk": encode(photo(80, 60).convert("CMYK")),
+        "rgba": encode(photo(80, 60).convert("RGBA"), "PNG"),
+        "palette": encode(photo(80, 60).quantize(), "PNG"),
+        "gif": encode(photo(80, 60), "GIF"),
+        "png16": png_16bit_rgb(np.full((60, 80, 3), 30000, np.uint16)),
+    }

@@ -5,7 +5,6 @@ import dataclasses
 import io
 import threading
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ pytest.importorskip("nvidia.dali")
 
 from dask_imgcurator.decode import DaliDecoder, PillowDecoder, dali_available, make_decoder  # noqa: E402
 
-from .conftest import BAD_CASES, encode, normalised_white, photo, png_16bit_rgb, transparent_png  # noqa: E402
+from .conftest import BAD_CASES, encode, normalised_white, photo, transparent_png, unusual_images  # noqa: E402
 
 
 @pytest.fixture
@@ -78,18 +77,9 @@ def _spy_on_pillow(dec: DaliDecoder, monkeypatch) -> list[bytes]:
     return routed
 
 
-@pytest.mark.parametrize(
-    "blob",
-    [
-        encode(photo(80, 60).convert("CMYK")),
-        encode(photo(80, 60).convert("RGBA"), "PNG"),
-        encode(photo(80, 60).quantize(), "PNG"),
-        encode(photo(80, 60), "GIF"),
-        png_16bit_rgb(np.full((60, 80, 3), 30000, np.uint16)),
-    ],
-    ids=["cmyk", "rgba", "palette", "gif", "png16"],
-)
-def test_unusual_images_go_to_pillow(spec, blob, monkeypatch):
+@pytest.mark.parametrize("name", sorted(unusual_images()))
+def test_unusual_images_go_to_pillow(spec, name, monkeypatch):
+    blob = unusual_images()[name]
     dec = DaliDecoder(spec)
     routed = _spy_on_pillow(dec, monkeypatch)
     out = dec.decode([encode(photo(80, 60)), blob])

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile, JpegImagePlugin
 from dask_imgcurator.decode import ImageInfo, PillowDecoder, PreprocessSpec, make_decoder
 from dask_imgcurator.decode.pillow import draft_reduces
 
-from .conftest import encode, normalised_white, photo, png_of_size, transparent_png
+from .conftest import encode, normalised_white, photo, png_of_size, transparent_png, unusual_images
 
 
 @pytest.mark.parametrize("draft", [True, False])
@@ -172,3 +172,64 @@ def test_package_works_without_dali():
         "assert 'nvidia.dali' not in {k for k, v in sys.modules.items() if v is not None}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PLAIN_IMAGES = {
+    "jpeg": lambda: encode(photo(640, 480, seed=11)),
+    "progressive_jpeg": lambda: encode(photo(500, 333, seed=12), progressive=True, quality=90),
+    "gray_jpeg": lambda: encode(photo(300, 400, seed=13).convert("L")),
+    "subsampled_444_jpeg": lambda: encode(photo(257, 259, seed=14), subsampling=0, quality=95),
+    "png": lambda: encode(photo(320, 240, seed=15), "PNG"),
+    "gray_png": lambda: encode(photo(240, 320, seed=16).convert("L"), "PNG"),
+    "png_with_gamma": lambda: encode(photo(300, 300, seed=17), "PNG", pnginfo=_png_with_gamma()),
+    "webp": lambda: encode(photo(400, 300, seed=18), "WEBP", quality=85),
+    "lossless_webp": lambda: encode(photo(300, 400, seed=19), "WEBP", lossless=True),
+}
+
+
+def _png_with_gamma():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", (45455).to_bytes(4, "big"))  # gamma 1/2.2, which Pillow does not apply
+    return info
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_IMAGES))
+def test_plain_images_decode_through_torchvision_to_pillows_pixels(spec, name, monkeypatch):
+    """The fast path must be a pure speed-up: the same 8-bit pixels as Pillow's own decode."""
+    import torchvision.io
+
+    from dask_imgcurator.decode.probe import open_image
+
+    blob = PLAIN_IMAGES[name]()
+    img, info = open_image(blob)
+    assert info.is_plain
+    decoder = PillowDecoder(spec, draft=False)
+    fast = decoder._fast_pixels(blob, info)
+    assert fast is not None and fast.shape == (info.height, info.width, 3)
+    assert np.array_equal(fast.numpy(), np.array(img.convert("RGB")))
+
+    calls = []
+    decode_image = torchvision.io.decode_image
+    monkeypatch.setattr(torchvision.io, "decode_image", lambda *a, **k: calls.append(1) or decode_image(*a, **k))
+    with_fast = decoder.decode([blob]).pixels
+    monkeypatch.setattr(PillowDecoder, "_fast_pixels", lambda self, blob, info: None)
+    assert calls == [1] and torch.equal(with_fast, decoder.decode([blob]).pixels)
+
+
+@pytest.mark.parametrize("name", [*sorted(unusual_images()), "draft"])
+def test_images_needing_pillow_skip_torchvision(spec, name):
+    from dask_imgcurator.decode.probe import probe_image
+
+    # drafted: libjpeg decodes it at 1/2 scale, through Pillow
+    blob = encode(photo(2000, 1000, seed=2)) if name == "draft" else unusual_images()[name]
+    assert PillowDecoder(spec)._fast_pixels(blob, probe_image(blob)) is None
+    assert PillowDecoder(spec, resize="pillow")._fast_pixels(encode(photo(64, 48)), probe_image(encode(photo(64, 48)))) is None
+
+
+def test_what_torchvision_refuses_gets_pillows_error(spec, truncated_jpeg):
+    from dask_imgcurator.decode.probe import probe_image
+
+    assert PillowDecoder(spec)._fast_pixels(truncated_jpeg, probe_image(truncated_jpeg)) is None
+    assert PillowDecoder(spec).decode([truncated_jpeg]).errors[0].startswith("truncated or corrupt JPEG")
