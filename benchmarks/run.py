@@ -90,20 +90,38 @@ class Meter:
         return self
 
     def _own(self) -> float:
-        procs = [self._psutil.Process()]
-        with contextlib.suppress(Exception):
-            procs += self._psutil.Process().children(recursive=True)
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(Exception):
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
+        self.by_pid = self._cpu_by_pid()
+        return sum(cpu for _, cpu in self.by_pid.values())
+
+    def _cpu_by_pid(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds of this process and its descendants, with each one's role: "main" (this
+        process: scheduler, client and CLI of a curate run), then one level per generation of
+        children ("children": a LocalCluster's nannies; "grandchildren": their workers)."""
+        me = self._psutil.Process()
+        out: dict[int, tuple[str, float]] = {}
+        roles = ("main", "children", "grandchildren")
+        level = [me]
+        for depth in range(8):
+            role = roles[depth] if depth < len(roles) else "descendants"
+            following = []
+            for p in level:
+                with contextlib.suppress(Exception):
+                    t = p.cpu_times()
+                    out[p.pid] = (role, t.user + t.system + t.children_user + t.children_system)
+                    following += p.children()
+            if not following:
+                break
+            level = following
+        return out
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.t0
         sys1 = self._psutil.cpu_times()
+        start = self.by_pid
         own = self._own() - self.own0
+        self.by_role: dict[str, float] = {}
+        for pid, (role, cpu) in self.by_pid.items():
+            self.by_role[role] = self.by_role.get(role, 0.0) + cpu - start.get(pid, (role, 0.0))[1]
         busy = sum(getattr(sys1, f) - getattr(self.sys0, f) for f in ("user", "nice", "system", "irq", "softirq"))
         cores = os.cpu_count() or 1
         self.cpu = own
@@ -117,6 +135,7 @@ class Meter:
             "images_per_s": round(images / self.wall, 2),
             "cpu_s": round(self.cpu, 2),
             "images_per_cpu_s": round(images / self.cpu, 2) if self.cpu else None,
+            "cpu_s_by_process": {role: round(cpu, 2) for role, cpu in sorted(self.by_role.items())},
             "others_cpu": round(self.others, 3),
             "steal": round(self.steal, 3),
         }
@@ -378,7 +397,24 @@ def child_curate(p: dict) -> list[dict]:
         "startup_s": round(ready, 2), **({"worker_kernels": sorted(kernels.values(), key=str)} if kernels else {}),
         "worker_split": {**split, "encode_images_per_s": round(summary["samples_in"] / split["encode_s"], 2)
                          if split["encode_s"] else None},
+        **({} if gpu else {"core_ms_per_image": _core_budget(m, split, p["cores"], summary["samples_in"])}),
     }]
+
+
+def _core_budget(m: "Meter", split: dict, cores: int, images: int) -> dict:
+    """Where the cores' time went, in core-milliseconds per image: the encoder's own thread CPU
+    (compare with the ceiling's CPU per image), decoding (its threads' CPU), the rest of the workers'
+    CPU (reading, heads, writing, dask), the client process (scheduler, CLI) and idle cores."""
+    worker_cpu, main_cpu = m.by_role.get("children", 0.0), m.by_role.get("main", 0.0)
+    parts = {
+        "total": cores * m.wall,
+        "encode": split["encode_thread_cpu_s"],
+        "decode": split["decode_process_cpu_s"],
+        "rest_of_workers": worker_cpu - split["encode_thread_cpu_s"] - split["decode_process_cpu_s"],
+        "client_process": main_cpu,
+        "idle": cores * m.wall - m.cpu,
+    }
+    return {name: round(1000 * seconds / images, 2) for name, seconds in parts.items()}
 
 
 # Where a worker's time goes during the timed curate run: wall seconds inside the model and the decoders.
@@ -391,7 +427,7 @@ def _split_timers_start(dask_worker) -> None:
     """In a worker: wrap the model's and the decoders' entry points with wall-clock timers, from zero."""
     import importlib
 
-    totals = {"encode_s": 0.0, "decode_s": 0.0}
+    totals = {"encode_s": 0.0, "decode_s": 0.0, "encode_thread_cpu_s": 0.0, "decode_process_cpu_s": 0.0}
     depth = {"decode_s": 0}  # DaliDecoder calls PillowDecoder: count the outer call only
     for module, cls_name, method, key in _SPLIT_TARGETS:
         cls = getattr(importlib.import_module(module), cls_name)
@@ -401,13 +437,17 @@ def _split_timers_start(dask_worker) -> None:
         def timed(self, *args, _original=original, _key=key, **kwargs):
             outer = depth.get(_key, 0) == 0
             depth[_key] = depth.get(_key, 0) + 1
-            start = time.perf_counter()
+            start, start_thread, start_process = time.perf_counter(), time.thread_time(), time.process_time()
             try:
                 return _original(self, *args, **kwargs)
             finally:
                 depth[_key] -= 1
                 if outer:
                     totals[_key] += time.perf_counter() - start
+                    if _key == "encode_s":  # the calling thread's CPU: all of it with 1 torch thread
+                        totals["encode_thread_cpu_s"] += time.thread_time() - start_thread
+                    else:  # the decoders' own threads too (the model is idle meanwhile)
+                        totals["decode_process_cpu_s"] += time.process_time() - start_process
 
         setattr(cls, method, timed)
     dask_worker.imgcurator_bench_split = totals
@@ -418,7 +458,8 @@ def _split_timers_read(dask_worker) -> dict:
 
 
 def _sum_splits(per_worker: dict) -> dict:
-    return {key: round(sum(w[key] for w in per_worker.values()), 2) for key in ("encode_s", "decode_s")}
+    return {key: round(sum(w[key] for w in per_worker.values()), 2)
+            for key in ("encode_s", "encode_thread_cpu_s", "decode_s", "decode_process_cpu_s")}
 
 
 def _worker_kernels(ref, precision: str) -> dict:
