@@ -402,15 +402,15 @@ def child_curate(p: dict) -> list[dict]:
 
 
 def _core_budget(m: "Meter", split: dict, cores: int, images: int) -> dict:
-    """Where the cores' time went, in core-milliseconds per image: the encoder's own thread CPU
-    (compare with the ceiling's CPU per image), decoding (its threads' CPU), the rest of the workers'
-    CPU (reading, heads, writing, dask), the client process (scheduler, CLI) and idle cores."""
+    """Where the cores' time went, in core-milliseconds per image: the workers' CPU while encoding
+    (compare with the ceiling's CPU per image) and while decoding, the rest of the workers' CPU
+    (reading, heads, writing, dask), the client process (scheduler, CLI) and idle cores."""
     worker_cpu, main_cpu = m.by_role.get("children", 0.0), m.by_role.get("main", 0.0)
     parts = {
         "total": cores * m.wall,
-        "encode": split["encode_thread_cpu_s"],
+        "encode": split["encode_process_cpu_s"],
         "decode": split["decode_process_cpu_s"],
-        "rest_of_workers": worker_cpu - split["encode_thread_cpu_s"] - split["decode_process_cpu_s"],
+        "rest_of_workers": worker_cpu - split["encode_process_cpu_s"] - split["decode_process_cpu_s"],
         "client_process": main_cpu,
         "idle": cores * m.wall - m.cpu,
     }
@@ -427,7 +427,7 @@ def _split_timers_start(dask_worker) -> None:
     """In a worker: wrap the model's and the decoders' entry points with wall-clock timers, from zero."""
     import importlib
 
-    totals = {"encode_s": 0.0, "decode_s": 0.0, "encode_thread_cpu_s": 0.0, "decode_process_cpu_s": 0.0}
+    totals = {"encode_s": 0.0, "decode_s": 0.0, "encode_process_cpu_s": 0.0, "decode_process_cpu_s": 0.0}
     depth = {"decode_s": 0}  # DaliDecoder calls PillowDecoder: count the outer call only
     for module, cls_name, method, key in _SPLIT_TARGETS:
         cls = getattr(importlib.import_module(module), cls_name)
@@ -437,17 +437,16 @@ def _split_timers_start(dask_worker) -> None:
         def timed(self, *args, _original=original, _key=key, **kwargs):
             outer = depth.get(_key, 0) == 0
             depth[_key] = depth.get(_key, 0) + 1
-            start, start_thread, start_process = time.perf_counter(), time.thread_time(), time.process_time()
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 return _original(self, *args, **kwargs)
             finally:
                 depth[_key] -= 1
                 if outer:
                     totals[_key] += time.perf_counter() - start
-                    if _key == "encode_s":  # the calling thread's CPU: all of it with 1 torch thread
-                        totals["encode_thread_cpu_s"] += time.thread_time() - start_thread
-                    else:  # the decoders' own threads too (the model is idle meanwhile)
-                        totals["decode_process_cpu_s"] += time.process_time() - start_process
+                    # the worker process's CPU meanwhile: all of torch's or the decoders' threads
+                    # (a task thread either encodes or decodes; the worker's other threads add little)
+                    totals[_key.replace("_s", "_process_cpu_s")] += time.process_time() - start_cpu
 
         setattr(cls, method, timed)
     dask_worker.imgcurator_bench_split = totals
@@ -459,7 +458,7 @@ def _split_timers_read(dask_worker) -> dict:
 
 def _sum_splits(per_worker: dict) -> dict:
     return {key: round(sum(w[key] for w in per_worker.values()), 2)
-            for key in ("encode_s", "encode_thread_cpu_s", "decode_s", "decode_process_cpu_s")}
+            for key in ("encode_s", "encode_process_cpu_s", "decode_s", "decode_process_cpu_s")}
 
 
 def _worker_kernels(ref, precision: str) -> dict:
