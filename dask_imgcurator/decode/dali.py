@@ -278,9 +278,17 @@ class DaliDecoder:
         pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
         if self.device == "cpu":
             (out,) = pipe.run()
-            # views of DALI's output buffers (valid until the next run), resized into new tensors at once
-            return [resize_center_crop(np.asarray(out[i]), info.width, info.height, self.spec)
-                    for i, info in enumerate(infos)]
+
+            def crop(i: int) -> torch.Tensor:
+                # a view of DALI's output buffer (valid until the next run), resized into a new tensor
+                return resize_center_crop(np.asarray(out[i]), infos[i].width, infos[i].height, self.spec)
+
+            if self.num_threads == 1 or len(infos) == 1:
+                return [crop(i) for i in range(len(infos))]
+            # torch resizes one image on one thread (and releases the GIL): spread them over the
+            # threads DALI decoded on, or the other cores idle while the resizes run one by one
+            with ThreadPoolExecutor(min(self.num_threads, len(infos)), thread_name_prefix="imgcurator-resize") as pool:
+                return list(pool.map(crop, range(len(infos))))
         boxes = [crop_box(info.width, info.height, self.spec.size) for info in infos]
         # DALI's ROI is (y, x) ordered, like the tensor shape
         pipe.feed_input("roi_start", [np.array([top, left], dtype=np.float32) for left, top, _, _ in boxes])

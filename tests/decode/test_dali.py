@@ -140,6 +140,27 @@ def test_pillow_share_is_decoded_while_dali_runs(spec, monkeypatch):
     assert torch.equal(out.pixels[1:], PillowDecoder(spec, draft=True).decode(blobs[1:]).pixels)
 
 
+def test_crops_are_resized_on_the_decoders_threads(spec, photo_jpegs, monkeypatch):
+    """A serial resize loop would leave all but one of a many-threaded decoder's cores idle."""
+    import dask_imgcurator.decode.dali as dali_module
+
+    threads, barrier = set(), threading.Barrier(2, timeout=30)
+    resize = dali_module.resize_center_crop
+
+    def spy(*args, **kwargs):
+        if threading.get_ident() not in threads:
+            threads.add(threading.get_ident())
+            barrier.wait()  # the first resize of each thread: passes only if two run at the same time
+        return resize(*args, **kwargs)
+
+    monkeypatch.setattr(dali_module, "resize_center_crop", spy)
+    pooled = DaliDecoder(spec, num_threads=2).decode(photo_jpegs)
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    monkeypatch.setattr(dali_module, "resize_center_crop", resize)
+    alone = DaliDecoder(spec, num_threads=1).decode(photo_jpegs)
+    assert torch.equal(pooled.pixels, alone.pixels) and pooled.errors == alone.errors
+
+
 def test_gpu_decoder_keeps_large_jpegs(spec):
     from dask_imgcurator.decode.probe import probe_image
 
