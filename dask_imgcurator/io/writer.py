@@ -162,13 +162,18 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
     fs.makedirs(root, exist_ok=True)
     _remove_temporaries(fs, root)
     paths = [posixpath.join(root, f"part-{i:05d}.parquet") for i in range(ddf.npartitions)]
-    todo = [i for i, p in enumerate(paths) if not fs.exists(p)]
+    fs.invalidate_cache(root)
+    present = {posixpath.normpath(p) for p in fs.ls(root, detail=False)}  # one listing, not a request per part
+    todo = [i for i, p in enumerate(paths) if posixpath.normpath(p) not in present]
     if todo:
         # staged by the task that computes the partition (fused with it): each part is on disk
-        # as soon as its shard is done, and no computed partition waits in memory for a writer
+        # as soon as its shard is done, and no computed partition waits in memory for a writer.
+        # Each task gets its own path from a one-row collection; a list of all paths as an argument
+        # would travel in every task (139 KB each for 2000 shards, growing with the square).
+        targets = dd.from_map(_one_path, [full_url(fs, paths[i]) for i in todo], label="stage-path",
+                              meta=pd.Series([], dtype=object), enforce_metadata=False)
         staged = ddf.partitions[todo].map_partitions(
-            _stage_numbered_part, [full_url(fs, paths[i]) for i in todo], partition_info=True,
-            meta=pd.Series([], dtype="int64"), align_dataframes=False, token="stage-part",
+            _stage_to, targets, meta=pd.Series([], dtype="int64"), align_dataframes=False, token="stage-part",
         )
         run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")
     return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
@@ -324,9 +329,13 @@ def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tup
 # ----------------------------------------------------------------------------- tasks
 
 
-def _stage_numbered_part(df, paths: list[str], partition_info: dict) -> pd.Series:
-    """``_stage_part`` for the ``partition_info["number"]``-th of ``paths``; the row count, as a Series."""
-    return pd.Series([_stage_part(df, paths[partition_info["number"]])], dtype="int64")
+def _one_path(path: str) -> pd.Series:
+    return pd.Series([path], dtype=object)
+
+
+def _stage_to(df, target: pd.Series) -> pd.Series:
+    """``_stage_part`` to the path ``target`` holds; the row count, as a Series."""
+    return pd.Series([_stage_part(df, target.iloc[0])], dtype="int64")
 
 
 def _stage_part(df, path: str) -> int:

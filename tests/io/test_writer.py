@@ -241,6 +241,23 @@ def test_each_partition_is_staged_by_the_task_that_computes_it(shard_dir, tmp_pa
     assert sum(pd.read_parquet(p).shape[0] for p in paths) == len(ddf)
 
 
+def test_each_staging_task_carries_only_its_own_path(shard_dir, tmp_path, monkeypatch):
+    """A list of every part's path as an argument would be serialised into every task: graphs
+    quadratic in the number of shards."""
+    import cloudpickle
+
+    captured = []
+    run_tasks = writer_module.run_tasks
+    monkeypatch.setattr(writer_module, "run_tasks", lambda tasks, *a, **k: captured.extend(tasks) or run_tasks(tasks, *a, **k))
+    ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
+    paths, _ = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    assert len(paths) >= 2 and len(captured) == len(paths)
+    graph = dict(dask.optimize(*captured)[0].__dask_graph__())
+    for spec in graph.values():
+        pickled = cloudpickle.dumps(spec)
+        assert sum(p.encode() in pickled for p in paths) <= 1
+
+
 def test_member_names_with_spaces_need_rekey_for_the_dali_index(tmp_path):
     write_tar(tmp_path / "in.tar", [("a b.jpg", jpeg_bytes(1)), ("a b.txt", b"caption")])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
