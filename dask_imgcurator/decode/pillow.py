@@ -103,16 +103,16 @@ class PillowDecoder:
         height = np.full(n, -1, dtype=np.int64)
         errors: list[str | None] = [None] * n
 
-        def decode_into(i: int) -> None:
+        def decode_row(i: int) -> None:
             errors[i], width[i], height[i] = self._decode_one(blobs[i], rows[i])
 
         if self.num_threads > 1 and n > 1:
             # a pool per call keeps the decoder stateless; starting threads costs far less than one image
             with ThreadPoolExecutor(min(self.num_threads, n), thread_name_prefix="imgcurator-pillow") as pool:
-                list(pool.map(decode_into, range(n)))
+                list(pool.map(decode_row, range(n)))
         else:
             for i in range(n):
-                decode_into(i)
+                decode_row(i)
         return errors, width, height
 
     def _decode_one(self, blob: bytes, out: torch.Tensor) -> tuple[str | None, int, int]:

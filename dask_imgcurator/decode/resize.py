@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dask_imgcurator.decode.base import PreprocessSpec
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 
-__all__ = ["empty_batch", "normalized_rows", "normalize_", "resize_center_crop"]
+__all__ = ["empty_batch", "normalized_rows", "resize_center_crop"]
 
 #: Above this aspect ratio the resized intermediate would be wasteful (or, for hostile inputs, huge):
 #: only the kept region is resized.
@@ -58,7 +58,7 @@ def resize_center_crop(
     pixels = torch.from_numpy(rgb) if isinstance(rgb, np.ndarray) else rgb
     src_h, src_w = pixels.shape[:2]
     sx, sy = scale if scale is not None else (src_w / width, src_h / height)
-    image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) with channels-last strides: torch's fast path
+    image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) view, channels-last for Pillow's and DALI's arrays
     new_w, new_h = resized_size(width, height, size)
     if max(new_w, new_h) <= MAX_FULL_RESIZE * size:
         left, top = crop_offset(new_w, new_h, size)
@@ -94,21 +94,17 @@ def _interpolate(
 
 def empty_batch(n: int, spec: PreprocessSpec) -> torch.Tensor:
     """An uninitialised float32 (n, 3, size, size) batch, for crops copied in row by row and
-    then :func:`normalize_`. (Copying a channels-first uint8 crop into a row widens it in one
+    then :func:`normalized_rows`. (Copying a channels-first uint8 crop into a row widens it in one
     pass; going through a channels-last uint8 batch transposed every image twice.)"""
     return torch.empty((n, 3, spec.size, spec.size), dtype=torch.float32)
 
 
-def normalize_(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """In place: float32 (N, 3, H, W) of 0..255 values → ``(x / 255 - mean) / std``, in the same
-    float32 steps as torchvision's ToTensor + Normalize. Returns ``batch``."""
+def normalized_rows(batch: torch.Tensor, errors: list[str | None], spec: PreprocessSpec) -> torch.Tensor:
+    """The rows of ``batch`` (0..255 floats) whose ``errors`` entry is None, normalised in place as
+    ``(x / 255 - mean) / std`` in the same float32 steps as torchvision's ToTensor + Normalize:
+    what :class:`~dask_imgcurator.decode.base.DecodedBatch` holds. No copy when every row decoded."""
+    ok = [i for i, error in enumerate(errors) if error is None]
+    kept = batch if len(ok) == len(batch) else batch[ok]
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.div_(255).sub_(mean).div_(std)
-
-
-def normalized_rows(batch: torch.Tensor, errors: list[str | None], spec: PreprocessSpec) -> torch.Tensor:
-    """The rows of ``batch`` (0..255 floats) whose ``errors`` entry is None, normalised: what
-    :class:`~dask_imgcurator.decode.base.DecodedBatch` holds. No copy when every row decoded."""
-    ok = [i for i, error in enumerate(errors) if error is None]
-    return normalize_(batch if len(ok) == len(batch) else batch[ok], spec)
+    return kept.div_(255).sub_(mean).div_(std)
