@@ -95,24 +95,17 @@ class Meter:
         return sum(cpu for _, cpu in self.by_pid.values())
 
     def _cpu_by_pid(self) -> dict[int, tuple[str, float]]:
-        """CPU seconds of this process and its descendants, with each one's role: "main" (this
-        process: scheduler, client and CLI of a curate run), then one level per generation of
-        children ("children": a LocalCluster's nannies; "grandchildren": their workers)."""
+        """CPU seconds of this process ("main": in a curate run the scheduler, the nannies, the
+        client and the CLI) and of each of its descendants ("children": there, the workers)."""
         me = self._psutil.Process()
+        procs = [("main", me)]
+        with contextlib.suppress(Exception):
+            procs += [("children", p) for p in me.children(recursive=True)]
         out: dict[int, tuple[str, float]] = {}
-        roles = ("main", "children", "grandchildren")
-        level = [me]
-        for depth in range(8):
-            role = roles[depth] if depth < len(roles) else "descendants"
-            following = []
-            for p in level:
-                with contextlib.suppress(Exception):
-                    t = p.cpu_times()
-                    out[p.pid] = (role, t.user + t.system + t.children_user + t.children_system)
-                    following += p.children()
-            if not following:
-                break
-            level = following
+        for role, p in procs:
+            with contextlib.suppress(Exception):
+                t = p.cpu_times()
+                out[p.pid] = (role, t.user + t.system + t.children_user + t.children_system)
         return out
 
     def __exit__(self, *exc) -> None:
