@@ -16,8 +16,8 @@ Sections (``--sections``):
   ready preprocessed tensors, as one process using every core, and as one single-threaded
   process per core; the faster layout is the ceiling.
 - ``decode``: decode + CLIP preprocessing per core: DALI CPU (all images, and with large JPEGs
-  sent to Pillow's draft: the default), Pillow, Pillow with JPEG draft,
-  and Pillow + open_clip's own transform.
+  sent to Pillow's draft: the default), ``PillowDecoder`` (Pillow opens, torchvision decodes plain
+  images) without and with JPEG draft, and Pillow + open_clip's own transform.
 - ``naive``: the loop a user writes by hand (webdataset + Pillow + open_clip preprocess +
   ``encode_image`` in batches + the heads, one process, torch on every core).
 - ``curate``: ``imgcurator curate`` end to end (read, decode, embed, heads, filter, write) on
