@@ -4,10 +4,11 @@ Two phases, both made of dask tasks and both resumable:
 
 1. *stage*: each input partition is computed once and saved as ``part-NNNNN.parquet``
    (metadata only: where member bytes live, scores, embeddings). A part that exists is skipped.
-2. *shard*: the driver reads only row counts from the Parquet footers, assigns global row
-   ranges of ``samples_per_shard`` to output shards, and one task per output shard copies the
-   member bytes from the source tars into ``NNNNN.tar`` with ``NNNNN.parquet`` and ``NNNNN.idx``
-   beside it. A shard whose files and progress record exist is skipped.
+2. *shard*: tasks read the row counts (Parquet footers, or the ``kept`` column); the driver
+   assigns global row ranges of ``samples_per_shard`` to output shards, and one task per output
+   shard copies the member bytes from the source tars into ``NNNNN.tar`` with ``NNNNN.parquet``
+   and ``NNNNN.idx`` beside it. A shard whose files and progress record exist is skipped (found
+   with two directory listings, not a request per shard).
 
 Every file appears under its final name by rename only, so a reader never sees a partial file.
 """
@@ -198,18 +199,20 @@ def write_shards(
     fs, root = url_to_fs(out_dir)
     fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
     _remove_temporaries(fs, root)
-    counts = [_count_rows(p, only_kept) for p in parts]
+    # counted by tasks, one footer (or kept column) each: serial reads from the client would cost
+    # one object-store round trip per part
+    count = dask.delayed(_count_rows, pure=True)
+    counts = run_tasks([count(p, only_kept) for p in parts], "counting rows", progress, unit="part")
     plan = _plan_shards(counts, samples_per_shard)
     width = max(5, len(str(len(plan) - 1)))
     index_width = len(str(samples_per_shard - 1))
-    tasks, records, skipped = [], {}, 0
+    names = [f"{j:0{width}d}" for j in range(len(plan))]
+    completed = _completed_records(fs, root, names)
+    tasks, records = [], {}
     write = dask.delayed(_write_shard, pure=True)
-    for j, slices in enumerate(plan):
-        name = f"{j:0{width}d}"
-        record = _completed_record(fs, root, name)
-        if record is not None:
-            records[j] = record
-            skipped += 1
+    for j, (name, slices) in enumerate(zip(names, plan)):
+        if name in completed:
+            records[j] = completed[name]
             continue
         job = [(parts[p], start, stop) for p, start, stop in slices]
         key_prefix = name[-5:] if rekey else None
@@ -218,7 +221,7 @@ def write_shards(
     for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "output shards", progress, unit="shard")):
         records[j] = record
     shards = [records[j] for j in range(len(plan))]
-    return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, skipped)
+    return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, len(completed))
 
 
 # ----------------------------------------------------------------------------- run bookkeeping
@@ -269,12 +272,23 @@ def _read_json(fs, path: str) -> dict | None:
         return json.loads(f.read())
 
 
-def _completed_record(fs, root: str, name: str) -> dict | None:
-    record = _read_json(fs, posixpath.join(root, PROGRESS_DIR, f"{name}.json"))
-    if record is None:
-        return None
-    done = all(fs.exists(posixpath.join(root, f"{name}.{ext}")) for ext in ("tar", "parquet", "idx"))
-    return record if done else None
+def _completed_records(fs, root: str, names: Sequence[str]) -> dict[str, dict]:
+    """Progress records of the shards among ``names`` whose record, tar, parquet and idx all exist.
+
+    Two directory listings and one batched read, however many shards: not a request per file.
+    """
+    progress = posixpath.join(root, PROGRESS_DIR)
+    fs.invalidate_cache(root)
+    fs.invalidate_cache(progress)
+    present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+    recorded = {posixpath.basename(p) for p in fs.ls(progress, detail=False)}
+    done = [n for n in names if f"{n}.json" in recorded and {f"{n}.tar", f"{n}.parquet", f"{n}.idx"} <= present]
+    if not done:
+        return {}
+    paths = [posixpath.join(progress, f"{n}.json") for n in done]
+    blobs = fs.cat(paths)  # concurrent on async filesystems (s3, gcs, http)
+    by_name = {posixpath.basename(p).removesuffix(".json"): json.loads(data) for p, data in blobs.items()}
+    return {n: by_name[n] for n in done}
 
 
 def _remove_temporaries(fs, root: str) -> None:

@@ -281,3 +281,58 @@ def test_shard_tasks_read_only_the_rows_they_need(tmp_path):
         assert got.column("i").to_pylist() == kept.slice(start, stop - start).column("i").to_pylist()
     for start, stop in [(0, 10), (1000, 3100), (4990, 5000)]:
         assert writer_module._read_slice(str(part), start, stop, only_kept=False).column("i").to_pylist() == list(range(start, stop))
+
+
+def test_finding_completed_shards_costs_no_request_per_shard(shard_dir, tmp_path, monkeypatch):
+    """Each file check is a round trip on an object store: planning 7 output shards, fresh or
+    all complete, must take as many listing and stat requests as planning 1 (reading the
+    completed shards' records aside, which is one batched ``cat``)."""
+    from collections import Counter
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
+    parts, _ = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    assert sum(pd.read_parquet(p).kept.sum() for p in parts) == 7
+    requests, depth = Counter(), []
+
+    def counted(method, real):
+        def call(self, *args, **kwargs):  # what local ls or cat_file does inside is one request on a store
+            if not depth:
+                requests.update([method])
+            depth.append(method)
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                depth.pop()
+        return call
+
+    for method in ("exists", "info", "isfile", "isdir", "ls", "cat_file"):
+        monkeypatch.setattr(LocalFileSystem, method, counted(method, getattr(LocalFileSystem, method)))
+
+    class Planned(Exception):
+        pass
+
+    def planned(*_):
+        raise Planned
+
+    real_write = writer_module._write_shard
+    seen = {}
+    for per_shard in (1, 7):
+        out = str(tmp_path / f"out{per_shard}")
+        monkeypatch.setattr(writer_module, "_write_shard", planned)
+        requests.clear()
+        with pytest.raises(Planned), dask.config.set(scheduler="synchronous"):
+            writer_module.write_shards(parts, out, per_shard, only_kept=True)
+        fresh = dict(requests)
+        monkeypatch.setattr(writer_module, "_write_shard", real_write)
+        first = writer_module.write_shards(parts, out, per_shard, only_kept=True)
+        requests.clear()
+        again = writer_module.write_shards(parts, out, per_shard, only_kept=True)
+        n_shards = 7 // per_shard
+        assert len(again.shards) == n_shards and again.shards_skipped == n_shards
+        assert again.shards == first.shards
+        resumed = dict(requests)
+        assert resumed.pop("cat_file", 0) <= n_shards
+        seen[per_shard] = (fresh, resumed)
+    assert seen[1] == seen[7], seen
