@@ -287,8 +287,7 @@ def _completed_records(fs, root: str, names: Sequence[str]) -> dict[str, dict]:
         return {}
     paths = [posixpath.join(progress, f"{n}.json") for n in done]
     blobs = fs.cat(paths)  # concurrent on async filesystems (s3, gcs, http)
-    by_name = {posixpath.basename(p).removesuffix(".json"): json.loads(data) for p, data in blobs.items()}
-    return {n: by_name[n] for n in done}
+    return {posixpath.basename(p).removesuffix(".json"): json.loads(data) for p, data in blobs.items()}
 
 
 def _remove_temporaries(fs, root: str) -> None:
