@@ -177,6 +177,7 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
             _stage_to, targets, meta=pd.Series([], dtype="int64"), align_dataframes=False, token="stage-part",
         )
         run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")
+        _remove_temporaries(fs, root)  # a task that died mid-write (killed worker) left its temporary behind
     return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
 
 
@@ -220,6 +221,8 @@ def write_shards(
                                dask_key_name=f"write-shard-{name}-{tokenize(job, out_dir, rekey)}")))
     for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "output shards", progress, unit="shard")):
         records[j] = record
+    if tasks:
+        _remove_temporaries(fs, root)  # left by attempts that died mid-write and were retried
     shards = [records[j] for j in range(len(plan))]
     return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, len(completed))
 

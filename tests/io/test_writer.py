@@ -336,3 +336,35 @@ def test_finding_completed_shards_costs_no_request_per_shard(shard_dir, tmp_path
         assert resumed.pop("cat_file", 0) <= n_shards
         seen[per_shard] = (fresh, resumed)
     assert seen[1] == seen[7], seen
+
+
+def test_temporaries_of_attempts_that_died_mid_write_are_removed(shard_dir, tmp_path, monkeypatch):
+    """A worker killed between writing a temporary and renaming it leaves the temporary behind;
+    dask retries the task elsewhere, and the finished output must not keep the orphan."""
+    real_atomic = writer_module._write_atomic
+    orphans = []
+
+    def dying_once(fs, path, data):
+        if "/metadata/part-" in path and not any(o.startswith(path) for o in orphans):  # a staging task
+            orphan = f"{path}.tmp-deadbeef0000"
+            with fs.open(orphan, "wb") as f:
+                f.write(data[: len(data) // 2])  # half written, then the worker died
+            orphans.append(orphan)
+        real_atomic(fs, path, data)  # the retry elsewhere succeeds
+
+    real_shard = writer_module._write_shard
+
+    def shard_dying_once(slices, root, name, *args):
+        orphan = f"{root.removeprefix('file://')}/{name}.tar.tmp-deadbeef0001"
+        Path(orphan).write_bytes(b"half a tar")
+        orphans.append(orphan)
+        return real_shard(slices, root, name, *args)
+
+    monkeypatch.setattr(writer_module, "_write_atomic", dying_once)
+    monkeypatch.setattr(writer_module, "_write_shard", shard_dying_once)
+    out = tmp_path / "out"
+    with dask.config.set(scheduler="synchronous"):
+        result = ic.write_curated(ic.mark_kept(ic.read_webdataset(str(shard_dir))), str(out), samples_per_shard=3)
+    assert result.balanced
+    assert any("/metadata/" in o for o in orphans) and any("/shards/" in o and ".tar." in o for o in orphans)
+    assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
