@@ -769,6 +769,15 @@ def orchestrate(args: argparse.Namespace) -> int:
     warmup_shards = bench_shards(max(workers, args.compare_workers or 0),
                                  (args.batch_size or DEFAULT_BATCH_SIZE["cuda"]) if gpu else WARMUP_SAMPLES, seed=99)
 
+    def data_shape(name: str) -> tuple[int, int]:
+        return GPU_DATA[mode] if gpu else DATA[mode].get(name, DATA[mode]["ViT-L-14"])
+
+    if args.prepare:
+        paths = [p for name in models for p in bench_shards(*data_shape(name))]
+        emit({"section": "prepared", "models": models, "model_dir": model_dir, "shards": len(paths),
+              "warmup_shards": len(warmup_shards), "seconds": round(time.perf_counter() - t_suite, 1)})
+        return 0
+
     results: dict[tuple, list[dict]] = {}
 
     def record(key: tuple, lines: list[dict]) -> None:
@@ -791,7 +800,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 "device": args.device, **extra}
 
     for name in models:
-        n_shards, per_shard = GPU_DATA[mode] if gpu else DATA[mode].get(name, DATA[mode]["ViT-L-14"])
+        n_shards, per_shard = data_shape(name)
         shards = bench_shards(n_shards, per_shard)
         emit({"section": "data", "model": name, "shards": n_shards, **describe(shards)})
         bs = args.batch_size or DEFAULT_BATCH_SIZE["cuda" if gpu else "cpu"]
@@ -963,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU share other processes may use during a measurement before it is retried")
     parser.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before each measurement")
     parser.add_argument("--retries", type=int, help="retries of a measurement disturbed by other processes")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only write the random-weight models and the shards the other options need, then exit")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

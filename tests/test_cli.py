@@ -144,3 +144,30 @@ def test_models_list_shows_the_tiny_model(demo_input, capsys):
 
     printed = ClipRef.parse(clip_lines[0][1], model_dir=ref.model_dir, offline=True)
     assert clip_dir(printed) == clip_dir(ref)
+
+
+def curate_twice(root, ref, tmp_path, first: list[str], second: list[str]):
+    """The same curate job with two sets of cluster options; metadata of both, by key."""
+    base = ["curate", str(root / "in"), "--model", f"{ref.name}/{ref.pretrained}", "--model-dir", ref.model_dir,
+            "--offline", "--samples-per-shard", "7"]
+    metas = []
+    for name, extra in (("a", first), ("b", second)):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        metas.append(ic.read_parquet(str(tmp_path / name / "metadata")).compute().set_index("key"))
+    return metas
+
+
+@pytest.mark.gpu
+def test_curate_on_the_cuda_cluster_matches_the_cpu_cluster(demo_input, tmp_path, capsys):
+    """`--cluster cuda` (dask-cuda, DALI `mixed`, the model on the GPU) against one CPU worker."""
+    pytest.importorskip("dask_cuda")
+    root, ref = demo_input
+    cpu, gpu = curate_twice(root, ref, tmp_path, ["--cluster", "local", "--workers", "1"], ["--cluster", "cuda"])
+    assert gpu.index.tolist() == cpu.index.tolist() and len(cpu) == 20
+    assert gpu["error"].isna().tolist() == cpu["error"].isna().tolist()
+    ok = cpu["error"].isna()
+    cosine = (np.stack(cpu.loc[ok, "embedding"].to_numpy()) * np.stack(gpu.loc[ok, "embedding"].to_numpy())).sum(axis=1)
+    assert cosine.min() >= 0.99
+    assert gpu["kept"].tolist() == cpu["kept"].tolist()  # no filter: every readable sample
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("a", "b")]
+    assert summaries[0]["samples_in"] == summaries[1]["samples_in"] == 20 and summaries[1]["balanced"]

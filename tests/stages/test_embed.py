@@ -242,3 +242,32 @@ def test_embed_is_lazy_and_never_loads_models_on_the_client(tmp_path, monkeypatc
     monkeypatch.setattr(ClipRef, "load", lambda *a, **k: pytest.fail("model loaded while building the graph"))
     lazy = embed(ic.read_webdataset(str(tmp_path / "in")), ref)
     assert lazy.npartitions == 1 and "embedding" in lazy.columns
+
+
+@pytest.mark.parametrize("device,precision", [
+    ("cpu", "bf16"),
+    pytest.param("cuda", "fp32", marks=pytest.mark.gpu),
+    pytest.param("cuda", "bf16", marks=pytest.mark.gpu),
+])
+def test_device_and_precision_keep_embeddings_scores_and_errors(tmp_path, device, precision):
+    """Against CPU fp32 on the same shards (broken samples included): on a GPU, DALI decodes `mixed`."""
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=2, samples_per_shard=12, broken=True)
+    ref = make_tiny_model_dir(tmp_path / "models")
+    ddf = ic.read_webdataset(str(tmp_path / "in"))
+    base = embed(ddf, ref, device="cpu", precision="fp32", draft=False).compute()
+    got = embed(ddf, ref, device=device, precision=precision, draft=False).compute()
+    assert got["key"].tolist() == base["key"].tolist()
+    ok = base["error"].isna().to_numpy()
+    assert got["error"].isna().tolist() == ok.tolist() and 0 < ok.sum() < len(ok)
+    assert got["width"].tolist() == base["width"].tolist() and got["height"].tolist() == base["height"].tolist()
+    a, b = embedding_matrix(base["embedding"][ok]), embedding_matrix(got["embedding"][ok])
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() >= 0.99, cosine
+    emb = torch.from_numpy(b.copy())
+    for name in ("aesthetic", "nsfw"):  # the heads ran on those embeddings, on that device
+        head = load_head(name, emb.shape[1], ref.head_family, model_dir=ref.model_dir)
+        with torch.no_grad():
+            expected = head(emb).float().numpy().ravel()
+        scores = got[f"{name}_score"].to_numpy()
+        np.testing.assert_allclose(scores[ok], expected, rtol=1e-4, atol=1e-4)
+        assert np.isnan(scores[~ok]).all()

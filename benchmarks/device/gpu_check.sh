@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The commands of the lent GPU machine, run there from the repository root (README.md beside this
+# file gives the sequence of device calls).
+#   prepare  first call (carries carry-1): extract the base packages, then write the benchmark's
+#            random-weight models and shards in the background, while later calls carry the rest
+#   check    last call (carries the last folder): extract everything, wait for prepare, then
+#            `pytest -m gpu` and `benchmarks/run.py --device cuda --quick`; logs under $OUT
+set -uo pipefail
+step=${1:-check}
+out=${OUT:-/tmp/imgcurator-gpu-out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 IMGCURATOR_OFFLINE=1
+prepared=/tmp/imgcurator-prepare
+
+case $step in
+prepare)
+    python3 benchmarks/device/unpack.py .device --only base || exit $?
+    nvidia-smi 2>&1 | tee "$out/nvidia-smi.txt"
+    # a new session keeps it alive after this call returns (the device tool ends the others)
+    setsid bash -c "python3 benchmarks/run.py --device cuda --quick --prepare > $prepared.log 2>&1; echo \$? > $prepared.rc" \
+        < /dev/null > /dev/null 2>&1 &
+    echo "preparing models and shards in the background: $prepared.log"
+    ;;
+check)
+    python3 benchmarks/device/unpack.py .device || exit $?
+    python3 - <<'EOF' 2>&1 | tee "$out/versions.txt"
+import dask, distributed, open_clip, torch, webdataset
+import nvidia.dali as dali
+print({m.__name__: getattr(m, "__version__", "?") for m in (torch, dask, distributed, open_clip, webdataset, dali)})
+print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+EOF
+    if [ -f "$prepared.log" ]; then
+        while [ ! -f "$prepared.rc" ]; do sleep 2; done
+        cp "$prepared.log" "$out/prepare.log"
+    fi
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt"
+    timeout 400 python3 benchmarks/run.py --device cuda --quick 2>&1 | tee "$out/bench-gpu.jsonl"
+    ;;
+*)
+    echo "usage: bash benchmarks/device/gpu_check.sh prepare|check" >&2
+    exit 2
+    ;;
+esac
