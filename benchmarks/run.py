@@ -349,7 +349,7 @@ def child_curate(p: dict) -> list[dict]:
     gpu = p.get("device") == "cuda"
     t_start = time.perf_counter()
     # on GPUs: what `--cluster cuda` starts (LocalCUDACluster, one worker per GPU, DALI mixed decode)
-    cluster_options = {"gpu": True} if gpu else {"n_workers": workers, "gpu": False}
+    cluster_options = {"gpu": True, "threads_per_worker": threads} if gpu else {"n_workers": workers, "gpu": False}
     with local_cluster(dashboard_address=":0", silence_logs=50, **cluster_options) as cluster, Client(cluster) as client:
         if not gpu:
             client.register_plugin(TorchThreads(threads))
@@ -735,8 +735,13 @@ def orchestrate(args: argparse.Namespace) -> int:
         print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
         return 2
     repeats = args.repeats or REPEATS[mode]
-    if gpu:  # what `--cluster cuda` starts: one worker per GPU
-        workers, threads = torch.cuda.device_count(), 1
+    if gpu:  # what `--cluster cuda` starts: one worker per GPU, with the configured task threads
+        from dask_imgcurator import config as ic_config
+
+        workers, threads = torch.cuda.device_count(), int(ic_config.get("cuda.threads-per-worker"))
+    elif args.compare_task_threads:
+        print("--compare-task-threads is for --device cuda (CPU workers run one task each)", file=sys.stderr)
+        return 2
     else:
         from dask_imgcurator.cluster import cpu_workers_for
 
@@ -824,10 +829,12 @@ def orchestrate(args: argparse.Namespace) -> int:
                 if "curate" in sections:
                     with tempfile.TemporaryDirectory(dir=work) as out:
                         record(("curate", name, precision), measure("curate", curate_params(name, precision, shards, out)))
-                    if args.compare_embed or args.compare_workers:
+                    if args.compare_embed or args.compare_workers or args.compare_task_threads:
                         alt = ({"embed_source": str(Path(args.compare_embed).resolve())} if args.compare_embed else {})
                         if args.compare_workers:
                             alt.update(workers=args.compare_workers, threads=max(1, cores // args.compare_workers))
+                        if args.compare_task_threads:
+                            alt.update(threads=args.compare_task_threads)
                         with tempfile.TemporaryDirectory(dir=work) as out:
                             p = curate_params(name, precision, shards, out, label="curate_alt", **alt)
                             record(("curate_alt", name, precision), measure("curate", p))
@@ -968,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run curate with embed_partition taken from FILE (a variant of stages/embed.py)")
     parser.add_argument("--compare-workers", type=int, metavar="N",
                         help="also run curate on N workers (cores / N torch threads each), as curate_alt")
+    parser.add_argument("--compare-task-threads", type=int, metavar="N",
+                        help="--device cuda: also run curate with N task threads per GPU worker (curate_alt), interleaved")
     parser.add_argument("--max-others", type=float, default=0.15,
                         help="CPU share other processes may use during a measurement before it is retried")
     parser.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before each measurement")

@@ -335,8 +335,8 @@ def local_cluster(
                 stacklevel=2,
             )
             return _cpu_cluster(
-                n_workers or gpus, threads_per_worker, torch_threads, memory_limit, local_directory,
-                dashboard_address, pin_gpus=True, **kwargs,
+                n_workers or gpus, config.get("cuda.threads-per-worker", threads_per_worker), torch_threads,
+                memory_limit, local_directory, dashboard_address, pin_gpus=True, **kwargs,
             )
         return _cuda_cluster(
             n_workers, threads_per_worker, torch_threads, memory_limit, local_directory, dashboard_address,

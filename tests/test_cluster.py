@@ -187,11 +187,12 @@ def test_gpus_with_dask_cuda_give_a_local_cuda_cluster_with_rmm_pool_for_torch(m
     monkeypatch.setattr(cl, "_register_plugins", lambda cluster, plugins: registered.extend(plugins))
     cluster = cl.make_cluster("auto")
     assert isinstance(cluster, FakeLocalCUDACluster)
-    assert made["threads_per_worker"] == 1 and "n_workers" not in made   # dask-cuda: one per visible GPU
+    assert "n_workers" not in made   # dask-cuda: one per visible GPU
+    assert made["threads_per_worker"] == 2  # two shards in flight per GPU
     assert made["rmm_pool_size"] == 0.5 and made["rmm_allocator_external_lib_list"] == ["torch"]
     assert made["dashboard_address"] == ":0"
     assert [type(p) for p in registered] == [cl.TorchThreads, cl.StopWorkerProfiler]
-    assert registered[0].threads == max(1, cl._usable_cores() // 2)
+    assert registered[0].threads == max(1, cl._usable_cores() // 4)
 
     made.clear()
     monkeypatch.setitem(sys.modules, "rmm", None)          # no RMM: no pool, a warning, still a cluster
@@ -209,6 +210,7 @@ def test_gpus_without_dask_cuda_fall_back_to_one_pinned_worker_per_gpu(monkeypat
         cl.local_cluster()
     (args, kwargs), = calls
     assert args[0] == 2 and kwargs["pin_gpus"] is True
+    assert args[1] == 2  # task threads per worker as the cuda cluster's: two shards in flight per GPU
 
 
 def test_pin_gpu_gives_each_worker_one_of_the_visible_gpus(monkeypatch):

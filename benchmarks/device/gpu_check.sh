@@ -34,7 +34,8 @@ EOF
         cp "$prepared.log" "$out/prepare.log"
     fi
     timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt"
-    timeout 400 python3 benchmarks/run.py --device cuda --quick 2>&1 | tee "$out/bench-gpu.jsonl"
+    # curate_alt: one task thread per GPU worker (the default is imgcurator.cuda.threads-per-worker: 2)
+    timeout 400 python3 benchmarks/run.py --device cuda --quick --compare-task-threads 1 2>&1 | tee "$out/bench-gpu.jsonl"
     ;;
 *)
     echo "usage: bash benchmarks/device/gpu_check.sh prepare|check" >&2

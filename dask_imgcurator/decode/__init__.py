@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-_PILLOW_OPTIONS = ("draft", "num_threads")
+_DALI_ONLY_OPTIONS = ("device_id", "batch_size", "max_batch_pixels")
 
 
 def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu", **kw: Any) -> Decoder:
@@ -40,7 +40,7 @@ def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu
         For DALI: "gpu" decodes on the GPU ("mixed" backend). Pillow always runs on the CPU.
     **kw
         Passed to the decoder class (``draft`` and ``num_threads`` for both; ``device_id``,
-        ``batch_size`` and ``max_batch_pixels`` for DALI; ``resize`` for Pillow).
+        ``batch_size`` and ``max_batch_pixels`` for DALI, dropped for Pillow; ``resize`` for Pillow).
 
     Returns
     -------
@@ -48,8 +48,8 @@ def make_decoder(spec: PreprocessSpec, backend: str = "auto", device: str = "cpu
     """
     if backend == "auto":
         backend = "dali" if dali_available() else "pillow"
-        if backend == "pillow":  # options meant for DALI do not apply to the fallback
-            kw = {k: v for k, v in kw.items() if k in _PILLOW_OPTIONS}
+    if backend == "pillow":  # options meant for DALI do not apply to Pillow (the fallback, or chosen)
+        kw = {k: v for k, v in kw.items() if k not in _DALI_ONLY_OPTIONS}
     if backend == "dali":
         if not dali_available():
             raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,8 +136,8 @@ def embed_partition(df, config: EmbedConfig):
         for spec in config.heads
     }
     spec = dataclasses.replace(model.preprocess, max_pixels=config.max_pixels)
-    decoder = _cached_decoder(spec, config.decoder, device, config.draft)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(torch.device(device).type, 32)
+    decoder = _cached_decoder(spec, config.decoder, device, config.draft, batch_size)
 
     n = len(frame)
     todo = np.flatnonzero(frame["error"].isna().to_numpy() & frame["image_offset"].notna().to_numpy())
@@ -224,14 +225,30 @@ def _read_images(frame: pd.DataFrame, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def _cached_decoder(spec, backend: str, device: str, draft: bool = True):
+def _cached_decoder(spec, backend: str, device: str, draft: bool = True, batch_size: int | None = None):
     """The decoder of this task thread, built once (DALI pipelines are costly to build and not shareable).
 
     Keyed by the calling thread: each concurrently running task gets its own, used by one decode at a time.
     """
-    dali_device = "gpu" if torch.device(device).type == "cuda" else "cpu"
-    # on the CPU, decoding runs between model batches: give it the cores torch has
-    options = {"num_threads": max(1, torch.get_num_threads())} if dali_device == "cpu" else {}
+    if torch.device(device).type == "cuda":
+        # nvJPEG's host stage, PNG/WebP and Pillow's share run on CPU threads while the GPU runs the
+        # model: give them this task's share of the worker's cores, and one DALI run per model batch
+        dali_device, options = "gpu", {"num_threads": _task_cpu_share(), "batch_size": batch_size or 64}
+    else:
+        # on the CPU, decoding runs between model batches: give it the cores torch has
+        dali_device, options = "cpu", {"num_threads": max(1, torch.get_num_threads())}
     options["draft"] = draft
     key = ("decoder", spec, backend, dali_device, threading.get_ident(), tuple(options.items()))
     return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device, **options))
+
+
+def _task_cpu_share() -> int:
+    """CPUs this process may run on (dask-cuda pins GPU workers to their GPU's cores), per task thread; at least 2."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        from distributed import get_worker
+
+        tasks = get_worker().state.nthreads
+    except (ImportError, ValueError):  # not inside a dask worker
+        tasks = 1
+    return max(2, cpus // max(1, tasks))

@@ -1,3 +1,4 @@
+import os
 import io
 import threading
 
@@ -271,3 +272,25 @@ def test_device_and_precision_keep_embeddings_scores_and_errors(tmp_path, device
         scores = got[f"{name}_score"].to_numpy()
         np.testing.assert_allclose(scores[ok], expected, rtol=1e-4, atol=1e-4)
         assert np.isnan(scores[~ok]).all()
+
+
+def test_gpu_decoders_get_the_task_share_of_the_cores_and_the_model_batch(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    clear_cache()
+    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    decoder = embed_module._cached_decoder(SPEC, "dali", "cuda", batch_size=256)  # built lazily: no GPU needed
+    assert decoder.name == "dali-mixed" and decoder.num_threads == 12 and decoder.batch_size == 256
+    pillow = embed_module._cached_decoder(SPEC, "pillow", "cuda", batch_size=256)
+    assert pillow.name == "pillow" and pillow.num_threads == 12
+    clear_cache()
+    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert embed_module._task_cpu_share() == 2  # nvJPEG's host stage and Pillow's share need a thread each
+
+
+def test_gpu_decode_threads_are_divided_among_the_workers_task_threads(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        cpus = len(os.sched_getaffinity(0))
+        assert client.submit(embed_module._task_cpu_share, pure=False).result() == max(2, cpus // 3)
