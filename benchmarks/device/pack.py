@@ -83,15 +83,16 @@ def read_unneeded(path: Path) -> set[str]:
     return {canonicalize_name(n) for n in found}
 
 
-def marker_env(extra: str = "") -> dict[str, str]:
+def marker_env(extra: str = "", python: str = PYTHON) -> dict[str, str]:
     """The marker environment of the device's CPython on x86-64 Linux."""
-    return {"python_version": PYTHON, "python_full_version": f"{PYTHON}.3", "implementation_name": "cpython",
+    return {"python_version": python, "python_full_version": f"{python}.3", "implementation_name": "cpython",
             "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
-            "platform_machine": "x86_64", "os_name": "posix", "implementation_version": f"{PYTHON}.3", "extra": extra}
+            "platform_machine": "x86_64", "os_name": "posix", "implementation_version": f"{python}.3", "extra": extra}
 
 
 def missing_requirements(wheels: list[Wheel], image: dict[str, tuple[Requirement, ...]],
-                         pins: dict[str, tuple[Requirement, ...]], unneeded: set[str] = frozenset()) -> list[str]:
+                         pins: dict[str, tuple[Requirement, ...]], unneeded: set[str] = frozenset(),
+                         python: str = PYTHON) -> list[str]:
     """What the wheels need on the device that neither they nor the image provide, one line each.
 
     Extras asked for in ``pins`` (``pkg[all]``) or by another wheel are followed; a requirement on
@@ -102,12 +103,12 @@ def missing_requirements(wheels: list[Wheel], image: dict[str, tuple[Requirement
     extras = {name: {e for r in reqs for e in r.extras} for name, reqs in pins.items()}
     for w in wheels:
         for r in w.requires:
-            if _applies(r.marker, ""):
+            if _applies(r.marker, "", python):
                 extras.setdefault(canonicalize_name(r.name), set()).update(r.extras)
     problems = []
     for w in wheels:
         for r in w.requires:
-            if not any(_applies(r.marker, e) for e in ("", *sorted(extras.get(w.name, ())))):
+            if not any(_applies(r.marker, e, python) for e in ("", *sorted(extras.get(w.name, ())))):
                 continue
             dep = canonicalize_name(r.name)
             if dep in unneeded:
@@ -121,8 +122,8 @@ def missing_requirements(wheels: list[Wheel], image: dict[str, tuple[Requirement
     return problems
 
 
-def _applies(marker: Marker | None, extra: str) -> bool:
-    return marker is None or marker.evaluate(marker_env(extra))
+def _applies(marker: Marker | None, extra: str, python: str) -> bool:
+    return marker is None or marker.evaluate(marker_env(extra, python))
 
 
 def _image_version(reqs: tuple[Requirement, ...] | None) -> Version | None:
@@ -145,16 +146,16 @@ def other_python_extensions(root: Path, python: str = PYTHON) -> list[Path]:
     return [p for p in root.rglob("*.so") if pattern.search(p.name) and f".{tag}-" not in p.name]
 
 
-def xz_tar(root: Path, members: list[Path]) -> bytes:
+def xz_tar(root: Path, members: list[Path], preset: int = 6) -> bytes:
     """``members`` (files or folders under ``root``) as an xz-compressed tar, names relative to ``root``."""
     sink = io.BytesIO()
-    with lzma.LZMAFile(sink, "wb", preset=6) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+    with lzma.LZMAFile(sink, "wb", preset=preset) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
         for m in sorted(members):
             tar.add(m, arcname=str(m.relative_to(root)))
     return sink.getvalue()
 
 
-def write_parts(archives: dict[str, bytes], out: Path, part_bytes: int) -> dict:
+def write_parts(archives: dict[str, bytes], out: Path, part_bytes: int, python: str = PYTHON) -> dict:
     """Cut the archives, one after another, into ``out/carry-K/payload.K`` of at most ``part_bytes``.
 
     Each carry folder also gets the manifest (archive offsets, lengths and sha256; each part's
@@ -170,7 +171,7 @@ def write_parts(archives: dict[str, bytes], out: Path, part_bytes: int) -> dict:
         chunk = stream[start : start + part_bytes]
         parts.append({"folder": f"carry-{k}", "file": f"payload.{k}", "offset": start, "bytes": len(chunk),
                       "sha256": hashlib.sha256(chunk).hexdigest()})
-    manifest = {"python": PYTHON, "archives": offsets, "parts": parts}
+    manifest = {"python": python, "archives": offsets, "parts": parts}
     for old in out.glob("carry-*"):
         shutil.rmtree(old)
     for part in parts:
@@ -181,9 +182,9 @@ def write_parts(archives: dict[str, bytes], out: Path, part_bytes: int) -> dict:
     return manifest
 
 
-def _pip(*args: str) -> None:
+def _pip(*args: str, python: str) -> None:
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", *args, "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
+    cmd = [sys.executable, "-m", "pip", *args, "--no-deps", "--only-binary=:all:", "--python-version", python,
            "--implementation", "cp", *platforms]
     subprocess.run(cmd, check=True)
 
@@ -195,14 +196,15 @@ def working_tree_bytes(repo: Path) -> int:
     return sum((repo / name).stat().st_size for name in listed if name and (repo / name).is_file())
 
 
-def build_archives(out: Path, requirements: Path, image: Path) -> dict[str, bytes] | None:
+def build_archives(out: Path, requirements: Path, image: Path, python: str = PYTHON,
+                   preset: int = 6) -> dict[str, bytes] | None:
     """Download, check, install and compress; None (after saying why) when a dependency is missing."""
     wheel_dir, site = out / "wheels", out / "site"
     pins = read_pins(requirements)
     shutil.rmtree(wheel_dir, ignore_errors=True)
-    _pip("download", "--quiet", "-d", str(wheel_dir), "-r", str(requirements))
+    _pip("download", "--quiet", "-d", str(wheel_dir), "-r", str(requirements), python=python)
     wheels = [read_wheel(p) for p in sorted(wheel_dir.glob("*.whl"))]
-    problems = missing_requirements(wheels, read_pins(image), pins, read_unneeded(requirements))
+    problems = missing_requirements(wheels, read_pins(image), pins, read_unneeded(requirements), python)
     if problems:
         print("the pinned wheels would not import on the device:\n  " + "\n  ".join(problems), file=sys.stderr)
         return None
@@ -212,12 +214,13 @@ def build_archives(out: Path, requirements: Path, image: Path) -> dict[str, byte
     archives = {}
     for group, members in groups.items():
         target = site / group
-        _pip("install", "--quiet", "--no-compile", "--target", str(target), *[str(w.path) for w in members])
-        dropped = other_python_extensions(target)
+        _pip("install", "--quiet", "--no-compile", "--target", str(target), *[str(w.path) for w in members],
+             python=python)
+        dropped = other_python_extensions(target, python)
         for p in dropped:
             p.unlink()
         shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts, with this machine's interpreter path
-        archives[group] = xz_tar(target, list(target.iterdir()))
+        archives[group] = xz_tar(target, list(target.iterdir()), preset)
         (out / f"{group}.tar.xz").write_bytes(archives[group])
         print(f"{group}: {len(members)} wheels, {sum(w.path.stat().st_size for w in members) / 2**20:.1f} MiB; "
               f"{len(dropped)} extensions of other Pythons dropped; archive {len(archives[group]) / 2**20:.1f} MiB")
@@ -232,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part-mib", type=float,
                         help=f"part size (default: what a {CALL_MIB} MiB call leaves beside the working tree, less 1 MiB)")
     parser.add_argument("--split-only", action="store_true", help="cut the archives of the last run again")
+    parser.add_argument("--python", default=PYTHON, help="the target interpreter's version (another one to try the kit here)")
+    parser.add_argument("--xz-preset", type=int, default=6, help="0-9: smaller parts, slower packing")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.split_only:
         archives = {g: (out / f"{g}.tar.xz").read_bytes() for g in ("base", "dali")}
     else:
-        archives = build_archives(out, Path(args.requirements), Path(args.image))
+        archives = build_archives(out, Path(args.requirements), Path(args.image), args.python, args.xz_preset)
         if archives is None:
             return 1
     tree = working_tree_bytes(HERE.parents[1])
     part_bytes = int(args.part_mib * 2**20) if args.part_mib else (CALL_MIB - 1) * 2**20 - tree
-    manifest = write_parts(archives, out, part_bytes)
+    manifest = write_parts(archives, out, part_bytes, args.python)
     folders = [p["folder"] for p in manifest["parts"]]
     print(f"{len(folders)} carry folders of at most {part_bytes / 2**20:.1f} MiB under {out}/ (the working tree "
           f"is {tree / 2**20:.1f} MiB): " + ", ".join(folders))
