@@ -5,6 +5,8 @@
 #            random-weight models and shards in the background, while later calls carry the rest
 #   check    last call (carries the last folder): extract everything, wait for prepare, then
 #            `pytest -m gpu` and `benchmarks/run.py --device cuda --quick`; logs under $OUT
+#   pillow   plan B, if earlier carries did not stay on the machine: base packages only (carry-1),
+#            the same checks with Pillow decoding on the CPU instead of DALI
 set -uo pipefail
 step=${1:-check}
 out=${OUT:-/tmp/imgcurator-gpu-out}
@@ -21,12 +23,24 @@ prepare)
         < /dev/null > /dev/null 2>&1 &
     echo "preparing models and shards in the background: $prepared.log"
     ;;
-check)
-    python3 benchmarks/device/unpack.py .device || exit $?
+check|pillow)
+    if [ "$step" = check ]; then
+        python3 benchmarks/device/unpack.py .device || exit $?
+        decoder=auto
+    else
+        python3 benchmarks/device/unpack.py .device --only base || exit $?
+        decoder=pillow
+    fi
     python3 - <<'EOF' 2>&1 | tee "$out/versions.txt"
-import dask, distributed, open_clip, torch, webdataset
-import nvidia.dali as dali
-print({m.__name__: getattr(m, "__version__", "?") for m in (torch, dask, distributed, open_clip, webdataset, dali)})
+import importlib
+import torch
+found = {}
+for name in ("dask", "distributed", "dask_cuda", "open_clip", "webdataset", "nvidia.dali"):
+    try:
+        found[name] = getattr(importlib.import_module(name), "__version__", "?")
+    except ImportError as exc:
+        found[name] = f"missing ({exc})"
+print({"torch": torch.__version__, **found})
 print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 EOF
     if [ -f "$prepared.log" ]; then
@@ -35,10 +49,11 @@ EOF
     fi
     timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt"
     # curate_alt: one task thread per GPU worker (the default is imgcurator.cuda.threads-per-worker: 2)
-    timeout 400 python3 benchmarks/run.py --device cuda --quick --compare-task-threads 1 2>&1 | tee "$out/bench-gpu.jsonl"
+    timeout 400 python3 benchmarks/run.py --device cuda --quick --decoder "$decoder" --compare-task-threads 1 2>&1 \
+        | tee "$out/bench-gpu.jsonl"
     ;;
 *)
-    echo "usage: bash benchmarks/device/gpu_check.sh prepare|check" >&2
+    echo "usage: bash benchmarks/device/gpu_check.sh prepare|check|pillow" >&2
     exit 2
     ;;
 esac
