@@ -3,14 +3,15 @@
 The lent machine reaches no package registry and each call carries at most 64 MiB, while DALI alone
 is a 190 MB wheel. So, here (where PyPI is reachable)::
 
-    python benchmarks/device/pack.py            # -> .device/carry-1 ... carry-N, ~56 MiB each
+    python benchmarks/device/pack.py            # -> .device/carry-1 ... carry-N
 
 downloads the pinned wheels of ``requirements.txt`` for the device's Python, checks that every
 dependency they declare is pinned there or already in the device image (``image-packages.txt``),
 installs them into a folder for that platform, drops the extension modules of other Pythons and
 packs the folder as two xz archives (``base``: dask, open_clip, webdataset...; ``dali``: DALI and
-its codecs) cut into parts. ``unpack.py`` joins, checks and extracts them on the device;
-``gpu_check.sh`` is the command of the last call. ``README.md`` beside this file has the calls.
+its codecs) cut into parts, each as large as one call allows beside the working tree. ``unpack.py``
+joins, checks and extracts them on the device, where ``gpu_check.sh`` runs the checks. ``README.md``
+beside this file has the sequence of calls.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
+from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.markers import Marker
@@ -59,11 +61,9 @@ def read_wheel(path: Path) -> Wheel:
     """Name, version and ``Requires-Dist`` of a wheel, from its METADATA."""
     with zipfile.ZipFile(path) as zf:
         meta = next(n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
-        text = zf.read(meta).decode()
-    headers = [line.split(": ", 1) for line in text.split("\n\n", 1)[0].splitlines() if ": " in line]
-    field = {k: v for k, v in headers}
-    requires = tuple(Requirement(v) for k, v in headers if k == "Requires-Dist")
-    return Wheel(path, canonicalize_name(field["Name"]), Version(field["Version"]), requires)
+        headers = HeaderParser().parsestr(zf.read(meta).decode())
+    requires = tuple(Requirement(v) for v in headers.get_all("Requires-Dist") or ())
+    return Wheel(path, canonicalize_name(headers["Name"]), Version(headers["Version"]), requires)
 
 
 def read_pins(path: Path) -> dict[str, tuple[Requirement, ...]]:
