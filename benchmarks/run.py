@@ -567,7 +567,7 @@ def _gpu_decode(p: dict, spec, blobs: list[bytes]) -> list[dict]:
     from dask_imgcurator.decode import DaliDecoder
 
     bs = p["batch_size"]
-    threads = min(p["cores"], 8)
+    threads = max(2, p["cores"] // p["task_threads"])  # a curate task's share, as embed gives it (_task_cpu_share)
     dali = DaliDecoder(spec, device="gpu", num_threads=threads, batch_size=bs)
     dali.decode(blobs[:bs])
     lines = []
@@ -810,7 +810,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         emit({"section": "data", "model": name, "shards": n_shards, **describe(shards)})
         bs = args.batch_size or DEFAULT_BATCH_SIZE["cuda" if gpu else "cpu"]
         images = n_shards * per_shard
-        base = {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": bs, "device": args.device}
+        base = {"model": name, "model_dir": model_dir, "cores": cores, "batch_size": bs, "device": args.device,
+                "task_threads": threads if gpu else 1}
 
         if "decode" in sections and name == models[0]:
             record(("decode",), measure("decode", {**base, "shards": shards, "size": 224, "repeats": repeats}))
