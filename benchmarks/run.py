@@ -565,9 +565,10 @@ def _gpu_decode(p: dict, spec, blobs: list[bytes]) -> list[dict]:
     import torch
 
     from dask_imgcurator.decode import DaliDecoder
+    from dask_imgcurator.stages.embed import _task_cpu_share
 
     bs = p["batch_size"]
-    threads = max(2, p["cores"] // p["task_threads"])  # a curate task's share, as embed gives it (_task_cpu_share)
+    threads = _task_cpu_share(p["task_threads"])  # what a curate task's DALI pipeline gets
     dali = DaliDecoder(spec, device="gpu", num_threads=threads, batch_size=bs)
     dali.decode(blobs[:bs])
     lines = []

@@ -68,6 +68,14 @@ def _register_cudf():
         return cudf.from_pandas(pdf)
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: dask-cuda and SLURM pin workers to a subset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def gpu_count() -> int:
     """Number of visible NVIDIA GPUs, read through NVML so the calling process does not init CUDA."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -33,6 +33,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 from dask_imgcurator import config
 from dask_imgcurator.backend import gpu_count
+from dask_imgcurator.backend import usable_cores as _usable_cores
 
 __all__ = [
     "CLUSTER_KINDS",
@@ -196,13 +197,6 @@ def cpu_workers_for(cores: int | None = None, memory: int | None = None,
     if at_most is not None:
         fits = min(fits, max(1, int(at_most)))
     return max(d for d in range(1, cores + 1) if cores % d == 0 and d <= fits)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _register_plugins(cluster, plugins: list[WorkerPlugin]) -> None:

@@ -22,7 +22,7 @@ class _Slot:
 
 
 def _slots() -> dict[Hashable, _Slot]:
-    worker = _current_worker()
+    worker = current_worker()
     if worker is None:
         return _PROCESS_SLOTS
     with _GUARD:
@@ -31,7 +31,8 @@ def _slots() -> dict[Hashable, _Slot]:
         return getattr(worker, _ATTR)
 
 
-def _current_worker() -> Any:
+def current_worker() -> Any:
+    """The ``distributed`` worker running the calling task, or None outside one."""
     if "distributed" not in sys.modules:  # never imported: cannot be inside a worker
         return None
     from distributed import get_worker

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,13 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
+from dask_imgcurator.backend import from_pandas_like, to_pandas, usable_cores, worker_device
 from dask_imgcurator.decode import DecodedBatch, make_decoder
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.shards import read_ranges
 from dask_imgcurator.malloc import tune_malloc
 from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
-from dask_imgcurator.models.cache import get_cached
+from dask_imgcurator.models.cache import current_worker, get_cached
 from dask_imgcurator.schema import embedding_dtype, embedding_series
 
 __all__ = ["embed", "embed_partition", "EmbedConfig", "score_columns"]
@@ -233,7 +232,9 @@ def _cached_decoder(spec, backend: str, device: str, draft: bool = True, batch_s
     if torch.device(device).type == "cuda":
         # nvJPEG's host stage, PNG/WebP and Pillow's share run on CPU threads while the GPU runs the
         # model: give them this task's share of the worker's cores, and one DALI run per model batch
-        dali_device, options = "gpu", {"num_threads": _task_cpu_share(), "batch_size": batch_size or 64}
+        dali_device, options = "gpu", {"num_threads": _task_cpu_share()}
+        if batch_size:
+            options["batch_size"] = batch_size
     else:
         # on the CPU, decoding runs between model batches: give it the cores torch has
         dali_device, options = "cpu", {"num_threads": max(1, torch.get_num_threads())}
@@ -242,13 +243,9 @@ def _cached_decoder(spec, backend: str, device: str, draft: bool = True, batch_s
     return get_cached(key, lambda: make_decoder(spec, backend=backend, device=dali_device, **options))
 
 
-def _task_cpu_share() -> int:
-    """CPUs this process may run on (dask-cuda pins GPU workers to their GPU's cores), per task thread; at least 2."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        from distributed import get_worker
-
-        tasks = get_worker().state.nthreads
-    except (ImportError, ValueError):  # not inside a dask worker
-        tasks = 1
-    return max(2, cpus // max(1, tasks))
+def _task_cpu_share(tasks: int | None = None) -> int:
+    """This process's usable cores per task thread (``tasks``, default the worker's, 1 outside one); at least 2."""
+    if tasks is None:
+        worker = current_worker()
+        tasks = worker.state.nthreads if worker is not None else 1
+    return max(2, usable_cores() // max(1, tasks))

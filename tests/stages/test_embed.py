@@ -277,13 +277,13 @@ def test_device_and_precision_keep_embeddings_scores_and_errors(tmp_path, device
 def test_gpu_decoders_get_the_task_share_of_the_cores_and_the_model_batch(monkeypatch):
     pytest.importorskip("nvidia.dali")
     clear_cache()
-    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     decoder = embed_module._cached_decoder(SPEC, "dali", "cuda", batch_size=256)  # built lazily: no GPU needed
     assert decoder.name == "dali-mixed" and decoder.num_threads == 12 and decoder.batch_size == 256
     pillow = embed_module._cached_decoder(SPEC, "pillow", "cuda", batch_size=256)
     assert pillow.name == "pillow" and pillow.num_threads == 12
     clear_cache()
-    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert embed_module._task_cpu_share() == 2  # nvJPEG's host stage and Pillow's share need a thread each
 
 
