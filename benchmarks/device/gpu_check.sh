@@ -43,8 +43,8 @@ for name in ("dask", "distributed", "dask_cuda", "open_clip", "webdataset", "nvi
 print({"torch": torch.__version__, **found})
 print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 EOF
-    if [ -f "$prepared.log" ]; then
-        while [ ! -f "$prepared.rc" ]; do sleep 2; done
+    if [ -f "$prepared.log" ]; then  # at most 5 min; the benchmark writes what is still missing itself
+        for _ in $(seq 150); do [ -f "$prepared.rc" ] && break; sleep 2; done
         cp "$prepared.log" "$out/prepare.log"
     fi
     timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt"

@@ -38,7 +38,7 @@ def load_manifest(root: Path) -> dict:
     """The manifest of any carry folder under ``root`` (each holds the same one)."""
     found = sorted(root.glob(f"carry-*/{MANIFEST}"))
     if not found:
-        raise MissingParts(["carry-1 (no carry folder with a manifest under %s)" % root])
+        raise MissingParts([f"carry-1 (no carry folder with a manifest under {root})"])
     return json.loads(found[0].read_text())
 
 
