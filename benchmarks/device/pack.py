@@ -95,21 +95,29 @@ def missing_requirements(wheels: list[Wheel], image: dict[str, tuple[Requirement
                          python: str = PYTHON) -> list[str]:
     """What the wheels need on the device that neither they nor the image provide, one line each.
 
-    Extras asked for in ``pins`` (``pkg[all]``) or by another wheel are followed; a requirement on
-    a wheel of the set must admit its version, one on an image package the version noted there, if
+    Extras asked for in ``pins`` (``pkg[all]``) or by a requirement that applies (also one that an
+    extra brings, such as dask[dataframe] asking for dask[array]) are followed; a requirement on a
+    wheel of the set must admit its version, one on an image package the version noted there, if
     any. Names in ``unneeded`` are not looked for.
     """
     by_name = {w.name: w for w in wheels}
     extras = {name: {e for r in reqs for e in r.extras} for name, reqs in pins.items()}
-    for w in wheels:
-        for r in w.requires:
-            if _applies(r.marker, "", python):
-                extras.setdefault(canonicalize_name(r.name), set()).update(r.extras)
+
+    def applying(w: Wheel) -> list[Requirement]:
+        active = ("", *sorted(extras.get(w.name, ())))
+        return [r for r in w.requires if any(_applies(r.marker, e, python) for e in active)]
+
+    grew = True
+    while grew:  # until no requirement asks for an extra not yet followed
+        grew = False
+        for w in wheels:
+            for r in applying(w):
+                wanted = extras.setdefault(canonicalize_name(r.name), set())
+                grew |= not r.extras <= wanted
+                wanted |= r.extras
     problems = []
     for w in wheels:
-        for r in w.requires:
-            if not any(_applies(r.marker, e, python) for e in ("", *sorted(extras.get(w.name, ())))):
-                continue
+        for r in applying(w):
             dep = canonicalize_name(r.name)
             if dep in unneeded:
                 continue
@@ -166,18 +174,16 @@ def write_parts(archives: dict[str, bytes], out: Path, part_bytes: int, python: 
     for name, data in archives.items():
         offsets[name] = {"offset": at, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         at += len(data)
-    parts = []
-    for k, start in enumerate(range(0, len(stream), part_bytes), 1):
-        chunk = stream[start : start + part_bytes]
-        parts.append({"folder": f"carry-{k}", "file": f"payload.{k}", "offset": start, "bytes": len(chunk),
-                      "sha256": hashlib.sha256(chunk).hexdigest()})
+    chunks = {start: stream[start : start + part_bytes] for start in range(0, len(stream), part_bytes)}
+    parts = [{"folder": f"carry-{k}", "file": f"payload.{k}", "offset": start, "bytes": len(chunk),
+              "sha256": hashlib.sha256(chunk).hexdigest()} for k, (start, chunk) in enumerate(chunks.items(), 1)]
     manifest = {"python": python, "archives": offsets, "parts": parts}
     for old in out.glob("carry-*"):
         shutil.rmtree(old)
     for part in parts:
         folder = out / part["folder"]
         folder.mkdir(parents=True)
-        (folder / part["file"]).write_bytes(stream[part["offset"] : part["offset"] + part["bytes"]])
+        (folder / part["file"]).write_bytes(chunks[part["offset"]])
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

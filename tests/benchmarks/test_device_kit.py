@@ -129,3 +129,15 @@ def test_a_damaged_part_is_refused(packed, tmp_path, capsys):
     assert part["folder"] in capsys.readouterr().err
     path.write_bytes(bytes(data[:-5]))
     assert unpack.main([str(out), "--target", str(tmp_path / "t")]) == 3
+
+
+def test_extras_that_an_extra_asks_for_are_followed(tmp_path):
+    wheels = [pack.read_wheel(fake_wheel(tmp_path, *w)) for w in [
+        ("frame", "2.0", "frame[array]; extra == 'dataframe'", "pyarrow>=16; extra == 'dataframe'",
+         "numpy>=2; extra == 'array'", "sphinx; extra == 'docs'"),
+    ]]
+    problems = pack.missing_requirements(wheels, pins_of(tmp_path, "numpy==1.26\n"), pins_of(tmp_path, "frame[dataframe]==2.0\n"))
+    assert problems == [
+        "frame 2.0 needs pyarrow>=16; extra == \"dataframe\": neither pinned nor in the device image",
+        "frame 2.0 needs numpy>=2; extra == \"array\", but numpy 1.26 is in the device image",
+    ]
