@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import dask
 import dask.dataframe as dd
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.base import tokenize
 from fsspec.core import url_to_fs
@@ -158,23 +158,28 @@ def write_curated(
         summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})
         summary.parts_skipped, summary.shards_skipped = len(finished["parts"]), summary.shards
         return summary
-    parts, parts_skipped = stage_partitions(ddf, full_url(fs, posixpath.join(root, "metadata")), progress=progress)
-    shards = write_shards(parts, full_url(fs, posixpath.join(root, "shards")), samples_per_shard, rekey=rekey, only_kept=True, progress=progress)
+    staged = stage_partitions(ddf, full_url(fs, posixpath.join(root, "metadata")), summarise=_accounting, progress=progress)
+    shards = write_shards(staged.paths, full_url(fs, posixpath.join(root, "shards")), samples_per_shard, rekey=rekey,
+                          only_kept=True, progress=progress, counts=staged.counts(only_kept=True))
     finish_output(full_url(fs, posixpath.join(root, "shards")), fingerprint, {**params, "samples": shards.samples, "shards": shards.shards})
-    summary = _count(parts, progress)
+    parts = staged.paths
+    summary = _count(parts, [None if s is None else s["summary"] for s in staged.stats], progress)
     summary.written, summary.shards = shards.samples, len(shards.shards)
-    summary.shards_skipped, summary.parts_skipped = shards.shards_skipped, parts_skipped
+    summary.shards_skipped, summary.parts_skipped = shards.shards_skipped, staged.skipped
     with fs.open(posixpath.join(root, SUMMARY), "w") as f:
         json.dump(summary.to_dict(), f, indent=1)
     finish_output(out_dir, fingerprint, {**params, "summary": summary.to_dict(), "parts": parts})
     return summary
 
 
-def _count(parts: list[str], progress: bool) -> CurationSummary:
+def _count(parts: list[str], known: list[tuple | None], progress: bool) -> CurationSummary:
+    """Add up the parts' accounting: from their staging tasks (``known``), else read back by tasks."""
     count = dask.delayed(_count_part, pure=True)
+    unknown = [i for i, k in enumerate(known) if k is None]
+    read = run_tasks([count(parts[i]) for i in unknown], "accounting", progress, unit="part")
     totals = CurationSummary()
     filtered, failed = Counter(), Counter()
-    for n_in, n_kept, part_filtered, part_failed in run_tasks([count(p) for p in parts], "accounting", progress, unit="part"):
+    for n_in, n_kept, part_filtered, part_failed in [k for k in known if k is not None] + read:
         totals.samples_in += n_in
         totals.kept += n_kept
         filtered.update(part_filtered)
@@ -186,7 +191,12 @@ def _count(parts: list[str], progress: bool) -> CurationSummary:
 def _count_part(part: str) -> tuple[int, int, dict, dict]:
     fs, path = url_to_fs(part)
     with fs.open(path, "rb") as f:
-        df: pd.DataFrame = pq.read_table(f, columns=["kept", "drop_reason", "error"]).to_pandas()
-    failed = Counter(error_kind(e) for e in df["error"].dropna())
-    filtered = Counter(df["drop_reason"].dropna())
-    return len(df), int(df["kept"].fillna(False).sum()), dict(filtered), dict(failed)
+        return _accounting(pq.read_table(f, columns=["kept", "drop_reason", "error"]))
+
+
+def _accounting(table: pa.Table) -> tuple[int, int, dict, dict]:
+    """Samples, kept samples, filtered samples per reason and failed samples per error kind of one part."""
+    filtered = Counter(r for r in table.column("drop_reason").to_pylist() if r is not None)
+    failed = Counter(error_kind(e) for e in table.column("error").to_pylist() if e is not None)
+    kept = pa.compute.sum(table.column("kept").fill_null(False)).as_py() or 0
+    return table.num_rows, int(kept), dict(filtered), dict(failed)

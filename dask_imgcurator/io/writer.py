@@ -4,8 +4,8 @@ Two phases, both made of dask tasks and both resumable:
 
 1. *stage*: each input partition is computed once and saved as ``part-NNNNN.parquet``
    (metadata only: where member bytes live, scores, embeddings). A part that exists is skipped.
-2. *shard*: tasks read the row counts (Parquet footers, or the ``kept`` column); the driver
-   assigns global row ranges of ``samples_per_shard`` to output shards, and one task per output
+2. *shard*: the driver takes the row counts that the staging tasks returned (tasks read them
+   from Parquet footers, or the ``kept`` column, only for parts staged by an earlier run), assigns global row ranges of ``samples_per_shard`` to output shards, and one task per output
    shard copies the member bytes from the source tars into ``NNNNN.tar`` with ``NNNNN.parquet``
    and ``NNNNN.idx`` beside it. A shard whose files and progress record exist is skipped (found
    with two directory listings, not a request per shard).
@@ -21,7 +21,7 @@ import posixpath
 import tarfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import dask
 import dask.dataframe as dd
@@ -48,6 +48,7 @@ from dask_imgcurator.progress import run_tasks
 __all__ = [
     "to_webdataset",
     "stage_partitions",
+    "StagedParts",
     "write_shards",
     "claim_output",
     "finish_output",
@@ -65,6 +66,25 @@ STAGE_ROW_GROUP = 1024
 
 class OutputExistsError(FileExistsError):
     """The output directory holds the results of a different run."""
+
+
+@dataclass
+class StagedParts:
+    """Staged parts in partition order, and what their staging tasks returned.
+
+    ``stats[i]`` is ``{"rows": ..., "kept": ..., "summary": ...}`` for a part this call staged
+    (``kept`` counts rows whose ``kept`` column is true, or all rows without one; ``summary`` is
+    what the ``summarise`` callable returned, else None) and None for a part that an earlier run
+    staged, whose counts are read back from its file when needed.
+    """
+
+    paths: list[str]
+    skipped: int
+    stats: list[dict | None]
+
+    def counts(self, only_kept: bool) -> list[int | None]:
+        """Rows (or kept rows) per part, None where this call did not stage the part."""
+        return [None if s is None else s["kept" if only_kept else "rows"] for s in self.stats]
 
 
 @dataclass
@@ -146,18 +166,40 @@ def to_webdataset(
         return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
     staging = posixpath.join(root, STAGING_DIR)
-    parts, parts_skipped = stage_partitions(ddf, full_url(fs, staging), progress=progress)
-    result = write_shards(parts, out_dir, samples_per_shard, rekey=rekey, progress=progress)
-    result.parts_skipped = parts_skipped
+    staged = stage_partitions(ddf, full_url(fs, staging), progress=progress)
+    result = write_shards(staged.paths, out_dir, samples_per_shard, rekey=rekey, progress=progress,
+                          counts=staged.counts(only_kept=False))
+    result.parts_skipped = staged.skipped
     fs.rm(staging, recursive=True)
     finish_output(out_dir, fingerprint, {**params, "samples": result.samples, "shards": result.shards})
     return result
 
 
-def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = False) -> tuple[list[str], int]:
+def stage_partitions(
+    ddf: dd.DataFrame,
+    staging_dir: str,
+    *,
+    summarise: Callable[[pa.Table], Any] | None = None,
+    progress: bool = False,
+) -> StagedParts:
     """Compute each partition once into ``staging_dir/part-NNNNN.parquet``; skip parts that exist.
 
-    Returns the part URLs in partition order and how many were already there.
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+        The rows to stage, one part per partition.
+    staging_dir : str
+        Local path or fsspec URL of the parts.
+    summarise : callable, optional
+        Applied by each staging task to its part (as a ``pyarrow.Table``); the results come back
+        in ``StagedParts.stats``, so that nothing has to read the parts again to count them.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    StagedParts
+        The part URLs in partition order, how many were already there, and the staging tasks' counts.
     """
     fs, root = url_to_fs(staging_dir)
     fs.makedirs(root, exist_ok=True)
@@ -166,6 +208,7 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
     fs.invalidate_cache(root)
     present = {posixpath.normpath(p) for p in fs.ls(root, detail=False)}  # one listing, not a request per part
     todo = [i for i, p in enumerate(paths) if posixpath.normpath(p) not in present]
+    stats: list[dict | None] = [None] * ddf.npartitions
     if todo:
         # staged by the task that computes the partition (fused with it): each part is on disk
         # as soon as its shard is done, and no computed partition waits in memory for a writer.
@@ -174,11 +217,13 @@ def stage_partitions(ddf: dd.DataFrame, staging_dir: str, *, progress: bool = Fa
         targets = dd.from_map(_one_path, [full_url(fs, paths[i]) for i in todo], label="stage-path",
                               meta=pd.Series([], dtype=object), enforce_metadata=False)
         staged = ddf.partitions[todo].map_partitions(
-            _stage_to, targets, meta=pd.Series([], dtype="int64"), align_dataframes=False, token="stage-part",
+            _stage_to, targets, summarise, meta=pd.Series([], dtype=object), align_dataframes=False,
+            token="stage-part",
         )
-        run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")
+        for i, result in zip(todo, run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")):
+            stats[i] = result.iloc[0]
         _remove_temporaries(fs, root)  # a task that died mid-write (killed worker) left its temporary behind
-    return [full_url(fs, p) for p in paths], ddf.npartitions - len(todo)
+    return StagedParts([full_url(fs, p) for p in paths], ddf.npartitions - len(todo), stats)
 
 
 def write_shards(
@@ -189,11 +234,14 @@ def write_shards(
     rekey: bool = False,
     only_kept: bool = False,
     progress: bool = False,
+    counts: Sequence[int | None] | None = None,
 ) -> WriteResult:
     """Copy the samples listed in staged Parquet ``parts`` into exact-size output shards.
 
     With ``only_kept`` only rows whose boolean ``kept`` column is true are written. Shards that a
-    previous attempt completed are skipped; the others are written atomically.
+    previous attempt completed are skipped; the others are written atomically. ``counts`` gives
+    the rows to write per part where known (``StagedParts.counts``); parts without one are counted
+    by tasks that read their files.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
@@ -202,8 +250,13 @@ def write_shards(
     _remove_temporaries(fs, root)
     # counted by tasks, one footer (or kept column) each: serial reads from the client would cost
     # one object-store round trip per part
+    counts = list(counts) if counts is not None else [None] * len(parts)
+    if len(counts) != len(parts):
+        raise ValueError(f"{len(counts)} counts for {len(parts)} parts")
+    unknown = [i for i, n in enumerate(counts) if n is None]
     count = dask.delayed(_count_rows, pure=True)
-    counts = run_tasks([count(p, only_kept) for p in parts], "counting rows", progress, unit="part")
+    for i, n in zip(unknown, run_tasks([count(parts[i], only_kept) for i in unknown], "counting rows", progress, unit="part")):
+        counts[i] = n
     plan = _plan_shards(counts, samples_per_shard)
     width = max(5, len(str(len(plan) - 1)))
     index_width = len(str(samples_per_shard - 1))
@@ -349,13 +402,13 @@ def _one_path(path: str) -> pd.Series:
     return pd.Series([path], dtype=object)
 
 
-def _stage_to(df, target: pd.Series) -> pd.Series:
-    """``_stage_part`` to the path ``target`` holds; the row count, as a Series."""
-    return pd.Series([_stage_part(df, target.iloc[0])], dtype="int64")
+def _stage_to(df, target: pd.Series, summarise=None) -> pd.Series:
+    """``_stage_part`` to the path ``target`` holds; its counts, as a one-row Series."""
+    return pd.Series([_stage_part(df, target.iloc[0], summarise)], dtype=object)
 
 
-def _stage_part(df, path: str) -> int:
-    """Validate one computed partition and save it atomically as Parquet."""
+def _stage_part(df, path: str, summarise=None) -> dict:
+    """Validate one computed partition and save it atomically as Parquet; return its counts."""
     table = to_arrow(df)
     to_write = table.filter(pa.compute.fill_null(table.column("kept"), False)) if "kept" in table.column_names else table
     for key, members in zip(to_write.column("key").to_pylist(), to_write.column("members").to_pylist()):
@@ -364,7 +417,7 @@ def _stage_part(df, path: str) -> int:
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=STAGE_ROW_GROUP)
     _write_atomic(fs, local, sink.getvalue())
-    return table.num_rows
+    return {"rows": table.num_rows, "kept": to_write.num_rows, "summary": summarise(table) if summarise else None}
 
 
 def _check_members(key: str, members_json: str | None) -> None:

@@ -235,7 +235,8 @@ def test_each_partition_is_staged_by_the_task_that_computes_it(shard_dir, tmp_pa
     ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client, get_task_stream(client) as stream:
-        paths, skipped = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+        staged = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    paths, skipped = staged.paths, staged.skipped
     assert skipped == 0 and all(Path(p.removeprefix("file://")).is_file() for p in paths)
     assert len(stream.data) == ddf.npartitions
     assert sum(pd.read_parquet(p).shape[0] for p in paths) == len(ddf)
@@ -250,7 +251,7 @@ def test_each_staging_task_carries_only_its_own_path(shard_dir, tmp_path, monkey
     run_tasks = writer_module.run_tasks
     monkeypatch.setattr(writer_module, "run_tasks", lambda tasks, *a, **k: captured.extend(tasks) or run_tasks(tasks, *a, **k))
     ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
-    paths, _ = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    paths = writer_module.stage_partitions(ddf, str(tmp_path / "staged")).paths
     assert len(paths) >= 2 and len(captured) == len(paths)
     graph = dict(dask.optimize(*captured)[0].__dask_graph__())
     for spec in graph.values():
@@ -292,7 +293,7 @@ def test_finding_completed_shards_costs_no_request_per_shard(shard_dir, tmp_path
     from fsspec.implementations.local import LocalFileSystem
 
     ddf = ic.mark_kept(kept_frame(shard_dir).assign(score=1.0))
-    parts, _ = writer_module.stage_partitions(ddf, str(tmp_path / "staged"))
+    parts = writer_module.stage_partitions(ddf, str(tmp_path / "staged")).paths
     assert sum(pd.read_parquet(p).kept.sum() for p in parts) == 7
     requests, depth = Counter(), []
 

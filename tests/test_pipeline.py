@@ -1,0 +1,74 @@
+"""write_curated's accounting: counted by the tasks that stage the parts, read back only on resume."""
+import json
+import posixpath
+
+import pytest
+from dask.base import tokenize
+
+import dask_imgcurator as ic
+from dask_imgcurator.io import writer as writer_module
+from dask_imgcurator.pipeline import _count
+
+
+@pytest.fixture
+def marked(tmp_path):
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=3, samples_per_shard=6, broken=True, min_side=64, max_side=96)
+    ddf = ic.read_webdataset(str(tmp_path / "in"))
+    keep = ~ddf.key.str.endswith(("1", "4"))
+    return ic.mark_kept(ddf, keep)
+
+
+def run_with_task_stream(fn):
+    from distributed import Client, LocalCluster, get_task_stream
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client, get_task_stream(client) as stream:
+        result = fn()
+    return result, [r["key"] if isinstance(r["key"], str) else r["key"][0] for r in stream.data]
+
+
+def task_count(keys, prefix):
+    return sum(k.startswith(prefix) for k in keys)
+
+
+def test_a_fresh_run_reads_no_part_back_to_count_it(marked, tmp_path):
+    summary, keys = run_with_task_stream(lambda: ic.write_curated(marked, str(tmp_path / "out"), samples_per_shard=4))
+    assert task_count(keys, "_count_rows") == 0 and task_count(keys, "_count_part") == 0
+    parts = sorted(str(p) for p in (tmp_path / "out" / "metadata").glob("part-*.parquet"))
+    read_back = _count(parts, [None] * len(parts), progress=False)
+    assert (summary.samples_in, summary.kept, summary.filtered, summary.failed) == (
+        read_back.samples_in, read_back.kept, read_back.filtered, read_back.failed)
+    frame = marked.compute()
+    assert summary.samples_in == len(frame) > 0
+    assert summary.kept == summary.written == int(frame.kept.sum()) > 0
+    assert sum(summary.failed.values()) == int(frame.error.notna().sum()) > 0
+    assert summary.filtered == {"filter": int((frame.error.isna() & ~frame.kept).sum())} and summary.balanced
+
+
+def test_a_resumed_run_counts_only_the_parts_an_earlier_run_staged(marked, tmp_path):
+    fresh = ic.write_curated(marked, str(tmp_path / "fresh"), samples_per_shard=4)
+    out = tmp_path / "out"
+    # an earlier run that staged parts 0 and 2, then stopped
+    writer_module.claim_output(str(out), tokenize(marked, 4, False), {"samples_per_shard": 4, "rekey": False})
+    staged = writer_module.stage_partitions(marked, str(out / "metadata"))
+    assert staged.skipped == 0 and [s["rows"] for s in staged.stats] == [len(p) for p in marked.partitions]
+    (out / "metadata" / "part-00001.parquet").unlink()
+
+    summary, keys = run_with_task_stream(lambda: ic.write_curated(marked, str(out), samples_per_shard=4))
+    assert task_count(keys, "_count_rows") == 2 and task_count(keys, "_count_part") == 2
+    assert summary.parts_skipped == 2
+    assert {**summary.to_dict(), "parts_skipped": 0} == fresh.to_dict()
+    assert json.loads((out / "summary.json").read_text()) == summary.to_dict()
+    assert (out / "shards" / "00000.tar").read_bytes() == (tmp_path / "fresh" / "shards" / "00000.tar").read_bytes()
+
+
+def test_staging_returns_what_it_wrote(marked, tmp_path):
+    staged = writer_module.stage_partitions(marked, str(tmp_path / "staged"), summarise=lambda t: t.column_names[:2])
+    frame = marked.compute()
+    assert [s["rows"] for s in staged.stats] == [len(p) for p in marked.partitions]
+    assert sum(s["kept"] for s in staged.stats) == int(frame.kept.sum())
+    assert staged.counts(only_kept=True) == [s["kept"] for s in staged.stats]
+    assert all(s["summary"] == list(frame.columns[:2]) for s in staged.stats)
+    again = writer_module.stage_partitions(marked, str(tmp_path / "staged"))
+    assert again.skipped == 3 and again.stats == [None] * 3 and again.counts(only_kept=False) == [None] * 3
+    assert [posixpath.basename(p) for p in again.paths] == [f"part-{i:05d}.parquet" for i in range(3)]
