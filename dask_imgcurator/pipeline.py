@@ -4,7 +4,7 @@ Layout of ``OUT``::
 
     OUT/metadata/part-NNNNN.parquet   every input sample (one part per input shard) with its
                                       scores, ``kept`` flag, ``drop_reason`` and ``error``
-    OUT/shards/NNNNN.{tar,parquet,idx} the kept samples, re-sharded (see ``write_shards``)
+    OUT/shards/NNNNN.{tar,parquet,idx} the kept samples, re-sharded (see ``stage_and_write``)
     OUT/shards/manifest.json          counts and checksums of the shards
     OUT/summary.json                  samples in = kept + filtered + failed
 """
@@ -23,7 +23,7 @@ from dask.base import tokenize
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
-from dask_imgcurator.io.writer import claim_output, finish_output, stage_partitions, write_shards
+from dask_imgcurator.io.writer import claim_output, finish_output, stage_and_write
 from dask_imgcurator.progress import run_tasks
 from dask_imgcurator.schema import STRING
 
@@ -158,9 +158,10 @@ def write_curated(
         summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})
         summary.parts_skipped, summary.shards_skipped = len(finished["parts"]), summary.shards
         return summary
-    staged = stage_partitions(ddf, full_url(fs, posixpath.join(root, "metadata")), summarise=_accounting, progress=progress)
-    shards = write_shards(staged.paths, full_url(fs, posixpath.join(root, "shards")), samples_per_shard, rekey=rekey,
-                          only_kept=True, progress=progress, counts=staged.counts(only_kept=True))
+    staged, shards = stage_and_write(
+        ddf, full_url(fs, posixpath.join(root, "metadata")), full_url(fs, posixpath.join(root, "shards")),
+        samples_per_shard, rekey=rekey, only_kept=True, summarise=_accounting, progress=progress,
+    )
     finish_output(full_url(fs, posixpath.join(root, "shards")), fingerprint, {**params, "samples": shards.samples, "shards": shards.shards})
     parts = staged.paths
     summary = _count(parts, [None if s is None else s["summary"] for s in staged.stats], progress)

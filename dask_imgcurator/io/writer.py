@@ -4,11 +4,15 @@ Two phases, both made of dask tasks and both resumable:
 
 1. *stage*: each input partition is computed once and saved as ``part-NNNNN.parquet``
    (metadata only: where member bytes live, scores, embeddings). A part that exists is skipped.
-2. *shard*: the driver takes the row counts that the staging tasks returned (tasks read them
-   from Parquet footers, or the ``kept`` column, only for parts staged by an earlier run), assigns global row ranges of ``samples_per_shard`` to output shards, and one task per output
+2. *shard*: the driver takes the row counts that the staging tasks return (tasks read them
+   from Parquet footers, or the ``kept`` column, only for parts staged by an earlier run) and
+   assigns global row ranges of ``samples_per_shard`` to output shards; one task per output
    shard copies the member bytes from the source tars into ``NNNNN.tar`` with ``NNNNN.parquet``
    and ``NNNNN.idx`` beside it. A shard whose files and progress record exist is skipped (found
    with two directory listings, not a request per shard).
+
+On a distributed client the phases overlap (``stage_and_write``): a shard's task starts as soon
+as the parts before its last row are staged, while later partitions are still being computed.
 
 Every file appears under its final name by rename only, so a reader never sees a partial file.
 """
@@ -31,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.base import tokenize
 from fsspec.core import url_to_fs
+from tqdm.auto import tqdm
 
 from dask_imgcurator.backend import to_arrow
 from dask_imgcurator.io.parquet import arrow_types_mapper
@@ -43,13 +48,15 @@ from dask_imgcurator.io.shards import (
     unsafe_member_reason,
     write_dali_index,
 )
-from dask_imgcurator.progress import run_tasks
+from dask_imgcurator.progress import active_client, run_tasks
 
 __all__ = [
     "to_webdataset",
     "stage_partitions",
     "StagedParts",
     "write_shards",
+    "stage_and_write",
+    "shard_name",
     "claim_output",
     "finish_output",
     "WriteResult",
@@ -166,9 +173,8 @@ def to_webdataset(
         return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
     staging = posixpath.join(root, STAGING_DIR)
-    staged = stage_partitions(ddf, full_url(fs, staging), progress=progress)
-    result = write_shards(staged.paths, out_dir, samples_per_shard, rekey=rekey, progress=progress,
-                          counts=staged.counts(only_kept=False))
+    staged, result = stage_and_write(ddf, full_url(fs, staging), out_dir, samples_per_shard, rekey=rekey,
+                                     progress=progress)
     result.parts_skipped = staged.skipped
     fs.rm(staging, recursive=True)
     finish_output(out_dir, fingerprint, {**params, "samples": result.samples, "shards": result.shards})
@@ -201,29 +207,8 @@ def stage_partitions(
     StagedParts
         The part URLs in partition order, how many were already there, and the staging tasks' counts.
     """
-    fs, root = url_to_fs(staging_dir)
-    fs.makedirs(root, exist_ok=True)
-    _remove_temporaries(fs, root)
-    paths = [posixpath.join(root, f"part-{i:05d}.parquet") for i in range(ddf.npartitions)]
-    fs.invalidate_cache(root)
-    present = {posixpath.normpath(p) for p in fs.ls(root, detail=False)}  # one listing, not a request per part
-    todo = [i for i, p in enumerate(paths) if posixpath.normpath(p) not in present]
-    stats: list[dict | None] = [None] * ddf.npartitions
-    if todo:
-        # staged by the task that computes the partition (fused with it): each part is on disk
-        # as soon as its shard is done, and no computed partition waits in memory for a writer.
-        # Each task gets its own path from a one-row collection; a list of all paths as an argument
-        # would travel in every task (139 KB each for 2000 shards, growing with the square).
-        targets = dd.from_map(_one_path, [full_url(fs, paths[i]) for i in todo], label="stage-path",
-                              meta=pd.Series([], dtype=object), enforce_metadata=False)
-        staged = ddf.partitions[todo].map_partitions(
-            _stage_to, targets, summarise, meta=pd.Series([], dtype=object), align_dataframes=False,
-            token="stage-part",
-        )
-        for i, result in zip(todo, run_tasks(staged.to_delayed(), "input shards", progress, unit="shard")):
-            stats[i] = result.iloc[0]
-        _remove_temporaries(fs, root)  # a task that died mid-write (killed worker) left its temporary behind
-    return StagedParts([full_url(fs, p) for p in paths], ddf.npartitions - len(todo), stats)
+    staging = _Staging(ddf, staging_dir, summarise)
+    return staging.finish(run_tasks(staging.tasks, "input shards", progress, unit="shard"))
 
 
 def write_shards(
@@ -243,41 +228,211 @@ def write_shards(
     the rows to write per part where known (``StagedParts.counts``); parts without one are counted
     by tasks that read their files.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    fs, root = url_to_fs(out_dir)
-    fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
-    _remove_temporaries(fs, root)
-    # counted by tasks, one footer (or kept column) each: serial reads from the client would cost
-    # one object-store round trip per part
+    plan = _ShardPlan(parts, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
     counts = list(counts) if counts is not None else [None] * len(parts)
     if len(counts) != len(parts):
         raise ValueError(f"{len(counts)} counts for {len(parts)} parts")
     unknown = [i for i, n in enumerate(counts) if n is None]
-    count = dask.delayed(_count_rows, pure=True)
-    for i, n in zip(unknown, run_tasks([count(parts[i], only_kept) for i in unknown], "counting rows", progress, unit="part")):
+    tasks = [_count_task(parts[i], only_kept) for i in unknown]
+    for i, n in zip(unknown, run_tasks(tasks, "counting rows", progress, unit="part")):
         counts[i] = n
-    plan = _plan_shards(counts, samples_per_shard)
-    width = max(5, len(str(len(plan) - 1)))
-    index_width = len(str(samples_per_shard - 1))
-    names = [f"{j:0{width}d}" for j in range(len(plan))]
-    completed = _completed_records(fs, root, names)
-    tasks, records = [], {}
-    write = dask.delayed(_write_shard, pure=True)
-    for j, (name, slices) in enumerate(zip(names, plan)):
-        if name in completed:
-            records[j] = completed[name]
-            continue
-        job = [(parts[p], start, stop) for p, start, stop in slices]
-        key_prefix = name[-5:] if rekey else None
-        tasks.append((j, write(job, full_url(fs, root), name, key_prefix, index_width, only_kept,
-                               dask_key_name=f"write-shard-{name}-{tokenize(job, out_dir, rekey)}")))
-    for (j, _), record in zip(tasks, run_tasks([t for _, t in tasks], "output shards", progress, unit="shard")):
-        records[j] = record
-    if tasks:
-        _remove_temporaries(fs, root)  # left by attempts that died mid-write and were retried
-    shards = [records[j] for j in range(len(plan))]
-    return WriteResult(out_dir, sum(r["samples"] for r in shards), shards, len(completed))
+    writes = plan.settle(counts)
+    for (j, _), record in zip(writes, run_tasks([t for _, t in writes], "output shards", progress, unit="shard")):
+        plan.records[j] = record
+    return plan.result()
+
+
+def stage_and_write(
+    ddf: dd.DataFrame,
+    staging_dir: str,
+    out_dir: str,
+    samples_per_shard: int,
+    *,
+    rekey: bool = False,
+    only_kept: bool = False,
+    summarise: Callable[[pa.Table], Any] | None = None,
+    progress: bool = False,
+) -> tuple[StagedParts, WriteResult]:
+    """:func:`stage_partitions` then :func:`write_shards`, overlapped on a distributed client.
+
+    On a distributed client each output shard is written as soon as the parts it takes rows
+    from are staged and counted, while later partitions are still being computed, instead of
+    after the last one; its task goes before the staging tasks still waiting. Without one the
+    two phases run one after the other. The files are the same either way.
+
+    Returns
+    -------
+    (StagedParts, WriteResult)
+    """
+    client = active_client()
+    if client is None:
+        staged = stage_partitions(ddf, staging_dir, summarise=summarise, progress=progress)
+        return staged, write_shards(staged.paths, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept,
+                                    progress=progress, counts=staged.counts(only_kept))
+    from distributed import as_completed
+
+    staging = _Staging(ddf, staging_dir, summarise)
+    plan = _ShardPlan(staging.paths, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
+    counts: list[int | None] = [None] * len(staging.paths)
+    staged_results: dict[int, pd.Series] = {}
+    inputs = tqdm(total=len(staging.todo), desc="input shards", unit="shard", disable=not progress)
+    outputs = tqdm(desc="output shards", unit="shard", disable=not progress)
+    futures: dict = {}
+    try:
+        todo = set(staging.todo)
+        skipped = [i for i in range(len(counts)) if i not in todo]
+        for i, f in zip(skipped, client.compute([_count_task(staging.paths[i], only_kept) for i in skipped])):
+            futures[f] = ("count", i)
+        for i, f in zip(staging.todo, _compute_in_order(client, staging.tasks)):
+            futures[f] = ("stage", i)
+        finished = as_completed(list(futures))
+        for future in finished:
+            kind, i = futures.pop(future)
+            result = future.result()  # raises the task's own exception
+            if kind == "write":
+                plan.records[i] = result
+                outputs.update(1)
+                continue
+            if kind == "stage":
+                staged_results[i] = result
+                counts[i] = result.iloc[0]["kept" if only_kept else "rows"]
+                inputs.update(1)
+            else:
+                counts[i] = result
+            for j, task in plan.settle(counts):
+                write = client.compute(task, priority=1)  # before the partitions still waiting
+                futures[write] = ("write", j)
+                finished.add(write)
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    finally:
+        inputs.close()
+        outputs.close()
+    return staging.finish([staged_results[i] for i in staging.todo]), plan.result()
+
+
+#: The most graph submissions that ``_compute_in_order`` makes.
+ORDERED_CHUNKS = 64
+
+
+def _compute_in_order(client, tasks: Sequence) -> list:
+    """Futures of ``tasks``, started roughly in list order.
+
+    dask orders independent tasks of one graph as it likes (here: the last partition first),
+    which would leave every output shard unsettled until the end. Chunks of the list go in
+    as graphs of falling priority; within a chunk, no larger than the cluster's threads unless
+    that takes more than ``ORDERED_CHUNKS`` submissions, dask's order is harmless.
+    """
+    threads = sum(client.nthreads().values()) or 1
+    size = max(threads, -(-len(tasks) // ORDERED_CHUNKS))
+    futures = []
+    for chunk, start in enumerate(range(0, len(tasks), size)):
+        futures += client.compute(list(tasks[start:start + size]), priority=-chunk)
+    return futures
+
+
+class _Staging:
+    """The staging of one collection: part paths, the parts still to compute and their tasks."""
+
+    def __init__(self, ddf: dd.DataFrame, staging_dir: str, summarise=None):
+        fs, root = url_to_fs(staging_dir)
+        fs.makedirs(root, exist_ok=True)
+        _remove_temporaries(fs, root)
+        self._fs, self._root = fs, root
+        paths = [posixpath.join(root, f"part-{i:05d}.parquet") for i in range(ddf.npartitions)]
+        fs.invalidate_cache(root)
+        present = {posixpath.normpath(p) for p in fs.ls(root, detail=False)}  # one listing, not a request per part
+        self.todo = [i for i, p in enumerate(paths) if posixpath.normpath(p) not in present]
+        self.paths = [full_url(fs, p) for p in paths]
+        self.tasks: list = []
+        if self.todo:
+            # staged by the task that computes the partition (fused with it): each part is on disk
+            # as soon as its shard is done, and no computed partition waits in memory for a writer.
+            # Each task gets its own path from a one-row collection; a list of all paths as an
+            # argument would travel in every task (139 KB each for 2000 shards, growing with the square).
+            targets = dd.from_map(_one_path, [self.paths[i] for i in self.todo], label="stage-path",
+                                  meta=pd.Series([], dtype=object), enforce_metadata=False)
+            # keys of this call only: a task that writes a file must not be answered with the result
+            # an earlier call's task left on the cluster (its file may be gone since, e.g. --overwrite)
+            staged = ddf.partitions[self.todo].map_partitions(
+                _stage_to, targets, summarise, uuid.uuid4().hex, meta=pd.Series([], dtype=object),
+                align_dataframes=False, token="stage-part",
+            )
+            self.tasks = staged.to_delayed()
+
+    def finish(self, results: Sequence[pd.Series]) -> StagedParts:
+        """The staged parts, given the staging tasks' results (in the order of ``todo``)."""
+        stats: list[dict | None] = [None] * len(self.paths)
+        for i, result in zip(self.todo, results):
+            stats[i] = result.iloc[0]
+        if self.todo:
+            _remove_temporaries(self._fs, self._root)  # a task that died mid-write (killed worker) left its temporary
+        return StagedParts(self.paths, len(self.paths) - len(self.todo), stats)
+
+
+class _ShardPlan:
+    """The output shards of one write, settled as the parts' row counts become known.
+
+    Shard ``j`` holds rows ``j * samples_per_shard`` onwards of the parts' concatenation. It is
+    settled once every part up to its last row is counted and it is full, or once every part is
+    counted; a shard that a previous attempt completed is taken from its progress record.
+    """
+
+    def __init__(self, parts: Sequence[str], out_dir: str, samples_per_shard: int, *, rekey: bool, only_kept: bool):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+        fs, root = url_to_fs(out_dir)
+        fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
+        _remove_temporaries(fs, root)
+        self._fs, self._root, self._out_dir = fs, root, out_dir
+        self._parts, self._rekey, self._only_kept = list(parts), rekey, only_kept
+        self._index_width = len(str(samples_per_shard - 1))
+        self._completed = _completed_records(fs, root)
+        self._planner = _Planner(samples_per_shard)
+        self._written = 0
+        self._call = uuid.uuid4().hex  # keys of this call only (see _Staging)
+        self.records: dict[int, dict] = {}
+        self.skipped = 0
+
+    def settle(self, counts: Sequence[int | None]) -> list[tuple[int, Any]]:
+        """Write tasks (shard number, delayed) for the shards that ``counts`` settles, each once.
+
+        ``counts`` holds the rows to write per part, None where not known yet.
+        """
+        planner = self._planner
+        first = len(planner.shards)
+        while planner.parts < len(counts) and counts[planner.parts] is not None:
+            planner.add(counts[planner.parts])
+        if planner.parts == len(counts):
+            planner.close()
+        write = dask.delayed(_write_shard, pure=True)
+        tasks = []
+        for j in range(first, len(planner.shards)):
+            name = shard_name(j)
+            if name in self._completed:
+                self.records[j] = self._completed[name]
+                self.skipped += 1
+                continue
+            job = [(self._parts[p], start, stop) for p, start, stop in planner.shards[j]]
+            key_prefix = name[-5:] if self._rekey else None
+            key = f"write-shard-{name}-{tokenize(job, self._out_dir, self._rekey, self._call)}"
+            tasks.append((j, write(job, full_url(self._fs, self._root), name, key_prefix, self._index_width,
+                                   self._only_kept, dask_key_name=key)))
+        self._written += len(tasks)
+        return tasks
+
+    def result(self) -> WriteResult:
+        """What was written, once every shard is settled and its task has returned."""
+        if self._written:
+            _remove_temporaries(self._fs, self._root)  # left by attempts that died mid-write and were retried
+        shards = [self.records[j] for j in range(len(self._planner.shards))]
+        return WriteResult(self._out_dir, sum(r["samples"] for r in shards), shards, self.skipped)
+
+
+def shard_name(j: int) -> str:
+    """Output shard ``j``'s file name without extension: at least five digits (``00042``)."""
+    return f"{j:05d}"
 
 
 # ----------------------------------------------------------------------------- run bookkeeping
@@ -328,8 +483,8 @@ def _read_json(fs, path: str) -> dict | None:
         return json.loads(f.read())
 
 
-def _completed_records(fs, root: str, names: Sequence[str]) -> dict[str, dict]:
-    """Progress records of the shards among ``names`` whose record, tar, parquet and idx all exist.
+def _completed_records(fs, root: str) -> dict[str, dict]:
+    """Progress records, by shard name, of the shards whose record, tar, parquet and idx all exist.
 
     Two directory listings and one batched read, however many shards: not a request per file.
     """
@@ -337,13 +492,13 @@ def _completed_records(fs, root: str, names: Sequence[str]) -> dict[str, dict]:
     fs.invalidate_cache(root)
     fs.invalidate_cache(progress)
     present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
-    recorded = {posixpath.basename(p) for p in fs.ls(progress, detail=False)}
-    done = [n for n in names if f"{n}.json" in recorded and {f"{n}.tar", f"{n}.parquet", f"{n}.idx"} <= present]
+    recorded = {posixpath.basename(p)[:-5] for p in fs.ls(progress, detail=False) if p.endswith(".json")}
+    done = sorted(n for n in recorded if {f"{n}.tar", f"{n}.parquet", f"{n}.idx"} <= present)
     if not done:
         return {}
     paths = [posixpath.join(progress, f"{n}.json") for n in done]
     blobs = fs.cat(paths)  # concurrent on async filesystems (s3, gcs, http)
-    return {posixpath.basename(p).removesuffix(".json"): json.loads(data) for p, data in blobs.items()}
+    return {posixpath.basename(p)[:-5]: json.loads(data) for p, data in blobs.items()}
 
 
 def _remove_temporaries(fs, root: str) -> None:
@@ -371,28 +526,55 @@ def _count_rows(part: str, only_kept: bool) -> int:
     return int(pa.compute.sum(kept.fill_null(False)).as_py() or 0)
 
 
-def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tuple[int, int, int]]]:
-    """Split the concatenation of parts into runs of ``samples_per_shard`` rows.
+def _count_task(part: str, only_kept: bool):
+    # counted by tasks, one footer (or kept column) each: serial reads from the client would cost
+    # one object-store round trip per part
+    return dask.delayed(_count_rows, pure=True)(part, only_kept)
 
-    Each output shard is a list of (part number, first row, end row) slices, rows counted among
-    the rows that will be written.
+
+class _Planner:
+    """Splits the concatenation of parts, added in order, into runs of ``samples_per_shard`` rows.
+
+    Each output shard in ``shards`` is a list of (part number, first row, end row) slices, rows
+    counted among the rows that will be written. A shard appears once it is full, or at ``close``.
     """
-    plan: list[list[tuple[int, int, int]]] = []
-    current: list[tuple[int, int, int]] = []
-    room = samples_per_shard
-    for p, count in enumerate(counts):
-        start = 0
+
+    def __init__(self, samples_per_shard: int):
+        self._size = samples_per_shard
+        self._current: list[tuple[int, int, int]] = []
+        self._room = samples_per_shard
+        self._closed = False
+        self.parts = 0
+        self.shards: list[list[tuple[int, int, int]]] = []
+
+    def add(self, count: int) -> None:
+        """Append the next part's ``count`` rows."""
+        p, start = self.parts, 0
         while start < count:
-            take = min(room, count - start)
-            current.append((p, start, start + take))
+            take = min(self._room, count - start)
+            self._current.append((p, start, start + take))
             start += take
-            room -= take
-            if room == 0:
-                plan.append(current)
-                current, room = [], samples_per_shard
-    if current:
-        plan.append(current)
-    return plan
+            self._room -= take
+            if self._room == 0:
+                self.shards.append(self._current)
+                self._current, self._room = [], self._size
+        self.parts += 1
+
+    def close(self) -> None:
+        """No more parts: the rows not yet in a shard make the last, smaller one."""
+        if self._current and not self._closed:
+            self.shards.append(self._current)
+            self._current = []
+        self._closed = True
+
+
+def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tuple[int, int, int]]]:
+    """Every output shard's slices for parts of ``counts`` rows (see ``_Planner``)."""
+    planner = _Planner(samples_per_shard)
+    for count in counts:
+        planner.add(count)
+    planner.close()
+    return planner.shards
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -402,8 +584,11 @@ def _one_path(path: str) -> pd.Series:
     return pd.Series([path], dtype=object)
 
 
-def _stage_to(df, target: pd.Series, summarise=None) -> pd.Series:
-    """``_stage_part`` to the path ``target`` holds; its counts, as a one-row Series."""
+def _stage_to(df, target: pd.Series, summarise=None, call: str | None = None) -> pd.Series:
+    """``_stage_part`` to the path ``target`` holds; its counts, as a one-row Series.
+
+    ``call`` only makes the task's key unique to one staging call.
+    """
     return pd.Series([_stage_part(df, target.iloc[0], summarise)], dtype=object)
 
 

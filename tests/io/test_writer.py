@@ -369,3 +369,64 @@ def test_temporaries_of_attempts_that_died_mid_write_are_removed(shard_dir, tmp_
     assert result.balanced
     assert any("/metadata/" in o for o in orphans) and any("/shards/" in o and ".tar." in o for o in orphans)
     assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
+
+
+def test_a_shard_is_settled_once_the_parts_up_to_its_last_row_are_counted(tmp_path):
+    parts = [str(tmp_path / f"part-{i}.parquet") for i in range(4)]
+    plan = writer_module._ShardPlan(parts, str(tmp_path / "out"), 2, rekey=False, only_kept=True)
+
+    def settled(counts):
+        return [(j, plan._planner.shards[j]) for j, _ in plan.settle(counts)]
+
+    assert settled([3, None, 2, 1]) == [(0, [(0, 0, 2)])]  # shard 1 needs rows of later parts
+    assert settled([3, None, 2, 1]) == []  # nothing twice
+    assert settled([3, 0, None, 1]) == []
+    assert settled([3, 0, 2, None]) == [(1, [(0, 2, 3), (2, 0, 1)])]
+    assert settled([3, 0, 2, 1]) == [(2, [(2, 1, 2), (3, 0, 1)])]  # the last one, full
+    assert settled([3, 0, 2, 1]) == []
+    assert writer_module._plan_shards([3, 0, 2, 1], 2) == writer_module._plan_shards([3, 0, 2, 1, 0], 2)
+    assert writer_module._plan_shards([3, 0, 2], 2)[-1] == [(2, 1, 2)]  # a smaller last shard
+
+
+def _slow_partition(df):
+    import time
+
+    time.sleep(0.2)
+    return df
+
+
+def test_output_shards_are_written_while_later_partitions_are_still_staging(tmp_path):
+    """On a distributed client a shard's task does not wait for the last partition; the files
+    are those of the local scheduler, which runs the two phases one after the other."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=6, samples_per_shard=4, min_side=32, max_side=48)
+    ddf = ic.read_webdataset(str(tmp_path / "in"))
+    ddf = ddf.map_partitions(_slow_partition, meta=ddf._meta)
+    sequential = ic.to_webdataset(ddf, str(tmp_path / "sequential"), samples_per_shard=4)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client, get_task_stream(client) as stream:
+        streamed = ic.to_webdataset(ddf, str(tmp_path / "streamed"), samples_per_shard=4)
+    spans = {}
+    for record in stream.data:
+        key = record["key"] if isinstance(record["key"], str) else record["key"][0]
+        kind = "write" if key.startswith("write-shard") else "stage"
+        start = min(s["start"] for s in record["startstops"] if s["action"] == "compute")
+        spans.setdefault(kind, []).append(start)
+    assert len(spans["write"]) == 6 and len(spans["stage"]) == 6
+    assert min(spans["write"]) < max(spans["stage"])
+    assert streamed.shards == sequential.shards and streamed.samples == 24
+    for name in (r["shard"] for r in streamed.shards):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "sequential" / name).read_bytes()
+
+
+def test_a_failing_shard_task_stops_a_streamed_write(tmp_path):
+    from distributed import Client, LocalCluster
+
+    write_tar(tmp_path / "in.tar", [("a b.jpg", jpeg_bytes(1)), ("a b.txt", b"caption")])
+    ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        with pytest.raises(ValueError, match=r"pass rekey=True"):
+            ic.to_webdataset(ddf, str(tmp_path / "out"))
+        assert ic.to_webdataset(ddf, str(tmp_path / "out"), rekey=True, overwrite=True).samples == 1
