@@ -48,7 +48,7 @@ from dask_imgcurator.io.shards import (
     unsafe_member_reason,
     write_dali_index,
 )
-from dask_imgcurator.progress import active_client, run_tasks
+from dask_imgcurator.progress import active_client, compute_in_order, run_tasks
 
 __all__ = [
     "to_webdataset",
@@ -283,7 +283,7 @@ def stage_and_write(
         skipped = [i for i in range(len(counts)) if i not in todo]
         for i, f in zip(skipped, client.compute([_count_task(staging.paths[i], only_kept) for i in skipped])):
             futures[f] = ("count", i)
-        for i, f in zip(staging.todo, _compute_in_order(client, staging.tasks)):
+        for i, f in zip(staging.todo, compute_in_order(client, staging.tasks)):
             futures[f] = ("stage", i)
         finished = as_completed(list(futures))
         for future in finished:
@@ -310,26 +310,6 @@ def stage_and_write(
         inputs.close()
         outputs.close()
     return staging.finish([staged_results[i] for i in staging.todo]), plan.result()
-
-
-#: The most graph submissions that ``_compute_in_order`` makes.
-ORDERED_CHUNKS = 64
-
-
-def _compute_in_order(client, tasks: Sequence) -> list:
-    """Futures of ``tasks``, started roughly in list order.
-
-    dask orders independent tasks of one graph as it likes (here: the last partition first),
-    which would leave every output shard unsettled until the end. Chunks of the list go in
-    as graphs of falling priority; within a chunk, no larger than the cluster's threads unless
-    that takes more than ``ORDERED_CHUNKS`` submissions, dask's order is harmless.
-    """
-    threads = sum(client.nthreads().values()) or 1
-    size = max(threads, -(-len(tasks) // ORDERED_CHUNKS))
-    futures = []
-    for chunk, start in enumerate(range(0, len(tasks), size)):
-        futures += client.compute(list(tasks[start:start + size]), priority=-chunk)
-    return futures
 
 
 class _Staging:
