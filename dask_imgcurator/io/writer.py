@@ -127,7 +127,8 @@ def to_webdataset(
 
     Rows keep their order; each sample carries all its members (image, txt, json, anything else)
     byte-identical. This computes ``ddf`` (once per partition) on the active dask client, or the
-    local scheduler when there is none.
+    local scheduler when there is none; on a client, output shards are written while later
+    partitions are still being computed (see :func:`stage_and_write`).
 
     Parameters
     ----------
