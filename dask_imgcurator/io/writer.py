@@ -91,7 +91,11 @@ class StagedParts:
 
     def counts(self, only_kept: bool) -> list[int | None]:
         """Rows (or kept rows) per part, None where this call did not stage the part."""
-        return [None if s is None else s["kept" if only_kept else "rows"] for s in self.stats]
+        return [None if s is None else _rows_to_write(s, only_kept) for s in self.stats]
+
+
+def _rows_to_write(stats: dict, only_kept: bool) -> int:
+    return stats["kept" if only_kept else "rows"]
 
 
 @dataclass
@@ -296,7 +300,7 @@ def stage_and_write(
                 continue
             if kind == "stage":
                 staged_results[i] = result
-                counts[i] = result.iloc[0]["kept" if only_kept else "rows"]
+                counts[i] = _rows_to_write(result.iloc[0], only_kept)
                 inputs.update(1)
             else:
                 counts[i] = result
@@ -304,6 +308,9 @@ def stage_and_write(
                 write = client.compute(task, priority=1)  # before the partitions still waiting
                 futures[write] = ("write", j)
                 finished.add(write)
+            if plan.settled and outputs.total is None:
+                outputs.total = plan.written  # known once every part is counted
+                outputs.refresh()
     except BaseException:
         client.cancel(list(futures))
         raise
@@ -371,7 +378,7 @@ class _ShardPlan:
         self._index_width = len(str(samples_per_shard - 1))
         self._completed = _completed_records(fs, root)
         self._planner = _Planner(samples_per_shard)
-        self._written = 0
+        self.written = 0  # shard tasks made, beside the ``skipped`` shards taken from records
         self._call = uuid.uuid4().hex  # keys of this call only (see _Staging)
         self.records: dict[int, dict] = {}
         self.skipped = 0
@@ -400,12 +407,17 @@ class _ShardPlan:
             key = f"write-shard-{name}-{tokenize(job, self._out_dir, self._rekey, self._call)}"
             tasks.append((j, write(job, full_url(self._fs, self._root), name, key_prefix, self._index_width,
                                    self._only_kept, dask_key_name=key)))
-        self._written += len(tasks)
+        self.written += len(tasks)
         return tasks
+
+    @property
+    def settled(self) -> bool:
+        """Every part is counted: every shard has been settled."""
+        return self._planner.closed
 
     def result(self) -> WriteResult:
         """What was written, once every shard is settled and its task has returned."""
-        if self._written:
+        if self.written:
             _remove_temporaries(self._fs, self._root)  # left by attempts that died mid-write and were retried
         shards = [self.records[j] for j in range(len(self._planner.shards))]
         return WriteResult(self._out_dir, sum(r["samples"] for r in shards), shards, self.skipped)
@@ -474,7 +486,7 @@ def _completed_records(fs, root: str) -> dict[str, dict]:
     fs.invalidate_cache(progress)
     present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
     recorded = {posixpath.basename(p)[:-5] for p in fs.ls(progress, detail=False) if p.endswith(".json")}
-    done = sorted(n for n in recorded if {f"{n}.tar", f"{n}.parquet", f"{n}.idx"} <= present)
+    done = [n for n in recorded if {f"{n}.tar", f"{n}.parquet", f"{n}.idx"} <= present]
     if not done:
         return {}
     paths = [posixpath.join(progress, f"{n}.json") for n in done]
@@ -524,7 +536,7 @@ class _Planner:
         self._size = samples_per_shard
         self._current: list[tuple[int, int, int]] = []
         self._room = samples_per_shard
-        self._closed = False
+        self.closed = False
         self.parts = 0
         self.shards: list[list[tuple[int, int, int]]] = []
 
@@ -543,10 +555,10 @@ class _Planner:
 
     def close(self) -> None:
         """No more parts: the rows not yet in a shard make the last, smaller one."""
-        if self._current and not self._closed:
+        if self._current and not self.closed:
             self.shards.append(self._current)
             self._current = []
-        self._closed = True
+        self.closed = True
 
 
 def _plan_shards(counts: Sequence[int], samples_per_shard: int) -> list[list[tuple[int, int, int]]]:

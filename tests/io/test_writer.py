@@ -430,3 +430,31 @@ def test_a_failing_shard_task_stops_a_streamed_write(tmp_path):
         with pytest.raises(ValueError, match=r"pass rekey=True"):
             ic.to_webdataset(ddf, str(tmp_path / "out"))
         assert ic.to_webdataset(ddf, str(tmp_path / "out"), rekey=True, overwrite=True).samples == 1
+
+
+def test_a_streamed_write_gives_its_output_bar_a_total_once_every_part_is_counted(shard_dir, tmp_path, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    bars = {}
+
+    class Bar:
+        def __init__(self, total=None, desc="", **_):
+            self.total, self.n = total, 0
+            bars[desc] = self
+
+        def update(self, n):
+            self.n += n
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(writer_module, "tqdm", Bar)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        result = ic.to_webdataset(kept_frame(shard_dir), str(tmp_path / "out"), samples_per_shard=3, progress=True)
+    assert len(result.shards) == 3
+    assert (bars["input shards"].total, bars["input shards"].n) == (3, 3)
+    assert (bars["output shards"].total, bars["output shards"].n) == (3, 3)
