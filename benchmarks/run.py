@@ -912,9 +912,11 @@ def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None
               "ceiling_images_per_s": {"1_process": lay["threads"], "1_per_core": lay["procs"],
                                        "1_process_other_kernels": lay["threads_other_kernels"]},
               **_target(r["value"], 0.90 if precision == "fp32" else None)})
-        same = _ratio(cur, lay["threads"] if threads > 1 else lay["procs"])
+        same_layout = lay["threads"] if threads > 1 else lay["procs"]
+        same = _ratio(cur, same_layout)
         emit({"section": "ratio", "ratio": "curate/model_ceiling_same_layout", "model": name,
               "precision": precision, **same})
+        _emit_encoder_share(results[("curate", name, precision)], same_layout, name, precision)
     naive = rate(("naive", name))
     if cur and naive:
         r = _ratio(cur, naive)
@@ -928,6 +930,25 @@ def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None
     alt = rate(("curate_alt", name, precision))
     if cur and alt:
         emit({"section": "ratio", "ratio": "curate/curate_alt", "model": name, "precision": precision, **_ratio(cur, alt)})
+
+
+def _emit_encoder_share(curate_lines: list[dict], ceiling: list[float], name: str, precision: str) -> None:
+    """curate/model_ceiling as the product of two ratios that the host's drift affects differently.
+
+    ``encoder_busy_share``: curate's images/s over what its workers' encoders delivered while they ran
+    (workers x images per second inside ``LoadedModel.encode``), i.e. the mean share of a worker's wall
+    time spent encoding; both come from the same run, so the minute-to-minute speed of the host cancels.
+    ``in_run_encoder/model_ceiling_same_layout``: that in-run encoder speed against the ceiling measured
+    in the same layout just before; it carries the host's drift between the two measurements.
+    """
+    encoder = [line["workers"] * line["worker_split"]["encode_images_per_s"] for line in curate_lines
+               if (line.get("worker_split") or {}).get("encode_images_per_s")]
+    if len(encoder) != len(curate_lines):
+        return
+    emit({"section": "ratio", "ratio": "encoder_busy_share", "model": name, "precision": precision,
+          **_ratio([line["images_per_s"] for line in curate_lines], encoder)})
+    emit({"section": "ratio", "ratio": "in_run_encoder/model_ceiling_same_layout", "model": name,
+          "precision": precision, **_ratio(encoder, ceiling)})
 
 
 def _emit_gpu_ratios(results: dict, name: str, precision: str) -> None:
