@@ -239,10 +239,47 @@ def test_time_packing_counts_repeated_layers_and_skips_padded_attention(monkeypa
         return real(forms, args, kwargs, repeats)
 
     monkeypatch.setattr(onednn, "_fastest_runs", recording)
-    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=3, repeats=1)
+    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=3, repeats=1, rounds=1)
     assert timing.layers == 5                   # 3 linears + 2 unpadded attentions; the padded one is not timed
     # one timing per distinct layer, on 3 copies of its input (sequence-first: the batch is dim 1)
     assert sorted(timed) == [((7, 3, 16),) * 3, ((21, 16),)]
+
+
+def _scripted_runs(monkeypatch, rounds_of_seconds: list[list[tuple[float, float]]]) -> list[int]:
+    """Make _fastest_runs return (plain, packed) seconds per distinct layer, round after round."""
+    script = iter(pair for one_round in rounds_of_seconds for pair in one_round)
+    calls = []
+
+    def scripted(forms, args, kwargs, repeats):
+        calls.append(len(forms))
+        return list(next(script))
+
+    monkeypatch.setattr(onednn, "_fastest_runs", scripted)
+    return calls
+
+
+def test_time_packing_times_a_close_call_again_and_keeps_each_layers_fastest(monkeypatch) -> None:
+    # _Repeated's timed layers, in the order its forward pass meets them: unpadded attention (x2), linear (x3);
+    # batch 1, so ms per image = 1000 x seconds
+    calls = _scripted_runs(monkeypatch, [
+        [(1.00, 1.01), (1.00, 1.01)],   # round 1: 5.00 against 5.05 s, packed 1% slower: too close to call
+        [(1.02, 0.80), (0.99, 1.20)],   # round 2: fastest of both rounds: 2*1.00 + 3*0.99 = 4.97 against
+                                        # 2*0.80 + 3*1.01 = 4.63, 7% apart: decided
+        [(9.0, 9.0), (9.0, 9.0)],       # never reached
+    ])
+    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1, rounds=3)
+    assert len(calls) == 4
+    assert timing.layers == 5 and timing.packed_faster
+    assert (round(timing.plain_ms), round(timing.packed_ms)) == (4970, 4630)
+
+
+def test_time_packing_stops_after_one_round_when_it_is_clear_and_after_rounds_when_it_stays_close(monkeypatch) -> None:
+    calls = _scripted_runs(monkeypatch, [[(1.0, 2.0), (1.0, 2.0)]])
+    assert not time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1).packed_faster
+    assert len(calls) == 2
+    calls = _scripted_runs(monkeypatch, [[(1.0, 1.0), (1.0, 1.0)]] * 5)
+    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1, rounds=3)
+    assert len(calls) == 6 and timing.plain_ms == timing.packed_ms == 5000 and not timing.packed_faster
 
 
 @pytest.mark.parametrize("packed_faster", [True, False])
