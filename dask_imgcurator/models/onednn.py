@@ -11,8 +11,8 @@ Results equal the original modules' up to float rounding (the tests compare them
 Which is faster depends on the machine, not only on its instruction set. Measured on 2-core AMD
 EPYCs, ViT-B-32 fp32: on an AVX-512 one (Zen 5) the packed encoder ran x1.21-1.25; on AVX2-only
 ones x0.84 on one host and x1.0-1.15 on another of the same CPU model. Hence the ``auto`` setting
-(:func:`onednn_mode`): at load, :func:`time_packing` times both on the model's own layers and
-shapes, and the faster is kept. ``benchmarks/README.md`` has the end-to-end figures.
+(:func:`onednn_mode`): at load, :func:`time_packing` times the model's forward pass both ways,
+and the faster is kept. ``benchmarks/README.md`` has the end-to-end figures.
 """
 from __future__ import annotations
 
@@ -323,7 +323,7 @@ def _replace_children(parent: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class KernelTiming:
-    """What :func:`time_packing` measured: the replaced layers' time per image, both ways."""
+    """What :func:`time_packing` measured: the forward pass's time per input, both ways."""
 
     plain_ms: float
     packed_ms: float
@@ -336,20 +336,19 @@ class KernelTiming:
 
 
 def time_packing(
-    module: nn.Module, sample: torch.Tensor, *, batch: int = 8, repeats: int = 5, rounds: int = 3,
+    module: nn.Module, sample: torch.Tensor, *, batch: int = 2, repeats: int = 2, rounds: int = 3,
     close: float = 0.05,
 ) -> KernelTiming:
-    """Time the layers :func:`use_onednn` would replace, as they are and packed, on this machine.
+    """Time ``module``'s forward pass with the layers :func:`use_onednn` would replace, as they are
+    and packed, on this machine.
 
-    ``module(sample)`` runs once to record each such layer's input; each distinct layer (type,
-    weight shape, input shape) is then run on ``batch`` copies of that input, its plain and packed
-    forms taking turns ``repeats`` times after a warm-up, and the fastest run of each counts (the
-    speed of a shared machine moves between runs; turns and minima keep both sides comparable).
-    Times are weighted by how often each layer occurs. Where the two totals are within ``close`` of
-    each other, every layer is timed again (up to ``rounds`` rounds in all, keeping each layer's
-    fastest run over the rounds): a close call taken from one round is decided by the machine's
-    noise, and the choice is remembered for the machine (on a 2-core EPYC, one round stored "plain
-    1.6% faster" while the whole encoder ran 14% faster packed). ``module`` is left as it was.
+    The pass runs on ``batch`` copies of ``sample`` (stacked along its first dimension), the plain
+    and the packed layers taking turns ``repeats`` times after a warm-up pass of each, and the fastest run of each
+    counts (the speed of a shared machine moves between runs; turns and minima keep both sides
+    comparable). Where the two come within ``close`` of each other, another round of ``repeats``
+    turns follows, up to ``rounds`` rounds. The whole pass is timed, not the layers alone: on a
+    2-core EPYC the layers timed one by one came out 1.3% faster plain on one thread while the
+    encoder ran 14% faster packed. ``module`` is left as it was.
 
     Parameters
     ----------
@@ -358,54 +357,57 @@ def time_packing(
     sample : torch.Tensor
         One input the model takes (e.g. one preprocessed image, batch of 1).
     batch : int
-        Copies of the sample's layer inputs to time on (closer to real batches than one).
+        Copies of ``sample`` per timed pass (closer to real batches than one).
     repeats : int
-        Timed runs of each form of each layer, per round.
+        Timed passes of each form per round.
     rounds : int
-        Most rounds of timing all layers.
+        Most rounds.
     close : float
-        Relative difference of the totals below which another round is timed.
+        Relative difference of the two below which another round is timed.
 
     Returns
     -------
     KernelTiming
+        Milliseconds per input of the whole pass, both ways, and how many layers differ.
     """
-    # one recorded call per distinct layer (signature), with how many times the forward pass makes it
-    calls: dict[tuple, list] = {}
+    found = _replacements(module)
+    if not found:
+        return KernelTiming(plain_ms=0.0, packed_ms=0.0, layers=0)
+    x = sample.repeat(batch, *([1] * (sample.dim() - 1)))
+    swap = _Swap(found)
 
-    def recorder(r: _Replacement):
-        def record(_layer, args, kwargs):
-            key = _signature(r, args, kwargs)
-            if key in calls:
-                calls[key][-1] += 1
-            else:
-                calls[key] = [r, args, kwargs, 1]
-        return record
+    def form(packed: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            swap.set(packed)
+            return module(x)
+        return run
 
-    hooks = [r.layer.register_forward_pre_hook(recorder(r), with_kwargs=True) for r in _replacements(module)]
+    best = [math.inf, math.inf]
     try:
-        with torch.inference_mode():
-            module(sample)
+        for done in range(1, max(rounds, 1) + 1):
+            runs = _fastest_runs([form(False), form(True)], (), {}, repeats, warm_up=done == 1)
+            best = list(map(min, best, runs))
+            timing = KernelTiming(plain_ms=1000 * best[0] / batch, packed_ms=1000 * best[1] / batch, layers=len(found))
+            if abs(timing.packed_ms - timing.plain_ms) >= close * timing.plain_ms:
+                break
     finally:
-        for hook in hooks:
-            hook.remove()
-    timed = []  # (plain form, packed form, batched call, count, [fastest plain s, fastest packed s])
-    for r, args, kwargs, count in calls.values():
-        call = _batched_call(r.layer, args, kwargs, batch)
-        if call is not None:
-            timed.append((r.plain(), r.packed(), call, count, [math.inf, math.inf]))
-    for done in range(1, max(rounds, 1) + 1):
-        for plain, packed, call, _count, best in timed:
-            best[:] = map(min, best, _fastest_runs([plain, packed], *call, repeats))
-        timing = KernelTiming(
-            plain_ms=1000 * sum(best[0] * count for *_, count, best in timed) / batch,
-            packed_ms=1000 * sum(best[1] * count for *_, count, best in timed) / batch,
-            layers=sum(count for *_, count, _best in timed),
-        )
-        if not timed or abs(timing.packed_ms - timing.plain_ms) >= close * timing.plain_ms:
-            break
+        swap.set(False)
     log.debug("kernel timing took %d round(s): %s", done, timing)
     return timing
+
+
+class _Swap:
+    """Switch a module's replaceable layers between their own and packed forms, in place."""
+
+    def __init__(self, found: list[_Replacement]) -> None:
+        self._slots = [(r, r.layer, getattr(r.parent, r.gelu_name) if r.gelu_name else None, r.packed())
+                       for r in found]
+
+    def set(self, packed: bool) -> None:
+        for r, plain, gelu, packed_layer in self._slots:
+            setattr(r.parent, r.name, packed_layer if packed else plain)
+            if r.gelu_name:
+                setattr(r.parent, r.gelu_name, nn.Identity() if packed else gelu)
 
 
 def remembered_timing(key: str, measure: Callable[[], KernelTiming], path: str | os.PathLike) -> KernelTiming:
@@ -462,39 +464,13 @@ def _write_timings(path: Path, timings: dict[str, KernelTiming]) -> None:
     os.replace(tmp, path)
 
 
-def _batched_call(layer: nn.Module, args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict] | None:
-    """The recorded call with its batch ``batch`` times as large, or None where that is not simple."""
-    if isinstance(layer, nn.Linear):
-        (x,) = args
-        return (x.reshape(-1, x.shape[-1]).repeat(batch, 1),), {}
-    if len(args) != 3 or args[0].dim() != 3 or kwargs.get("key_padding_mask") is not None:
-        return None  # unbatched or padded attention: not worth timing apart
-    mask = kwargs.get("attn_mask")
-    if mask is not None and mask.dim() != 2:
-        return None
-    query, key, value = args
-    dim = 0 if layer.batch_first else 1
-    q = query.repeat_interleave(batch, dim=dim)
-    k = q if key is query else key.repeat_interleave(batch, dim=dim)
-    v = k if value is key else value.repeat_interleave(batch, dim=dim)
-    return (q, k, v), dict(kwargs)
-
-
-def _signature(r: _Replacement, args: tuple, kwargs: dict) -> tuple:
-    """Layer calls with equal signatures cost the same: time one of them."""
-    def describe(value):
-        return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
-
-    weights = tuple((n, tuple(p.shape), p.dtype) for n, p in r.layer.named_parameters())
-    return (type(r.layer), weights, r.gelu_name is not None, tuple(describe(a) for a in args),
-            tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
-
-
-def _fastest_runs(forms: list[Callable[..., torch.Tensor]], args: tuple, kwargs: dict, repeats: int) -> list[float]:
-    """Seconds of the fastest of ``repeats`` runs of each form, the forms taking turns (after one warm-up run)."""
+def _fastest_runs(
+    forms: list[Callable[..., torch.Tensor]], args: tuple, kwargs: dict, repeats: int, warm_up: bool = True,
+) -> list[float]:
+    """Seconds of the fastest of ``repeats`` runs of each form, the forms taking turns (after a warm-up run)."""
     best = [math.inf] * len(forms)
     with torch.inference_mode():
-        for run in range(repeats + 1):
+        for run in range(0 if warm_up else 1, repeats + 1):
             for i, form in enumerate(forms):
                 start = time.perf_counter()
                 form(*args, **kwargs)

@@ -230,56 +230,52 @@ class _Repeated(nn.Module):
         return x
 
 
-def test_time_packing_counts_repeated_layers_and_skips_padded_attention(monkeypatch) -> None:
-    timed: list[tuple] = []
-    real = onednn._fastest_runs
-
-    def recording(forms, args, kwargs, repeats):
-        timed.append(tuple(a.shape for a in args))
-        return real(forms, args, kwargs, repeats)
-
-    monkeypatch.setattr(onednn, "_fastest_runs", recording)
-    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=3, repeats=1, rounds=1)
-    assert timing.layers == 5                   # 3 linears + 2 unpadded attentions; the padded one is not timed
-    # one timing per distinct layer, on 3 copies of its input (sequence-first: the batch is dim 1)
-    assert sorted(timed) == [((7, 3, 16),) * 3, ((21, 16),)]
+def test_time_packing_times_the_whole_pass_both_ways_on_batch_copies() -> None:
+    module = _Repeated().eval()
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append((type(m.proj[0]).__name__, type(m.attn[2]).__name__,
+                                                                  tuple(args[0].shape))))
+    timing = time_packing(module, _randn(7, 1, 16), batch=3, repeats=2, rounds=1)
+    assert timing.layers == 6                   # 3 attentions (padded or not) + 3 linears
+    assert timing.plain_ms > 0 and timing.packed_ms > 0
+    # a warm-up pass and 2 timed passes of each form, taking turns, on 3 copies along the first dimension
+    assert seen == [("Linear", "MultiheadAttention", (21, 1, 16)), ("PackedLinear", "PackedAttention", (21, 1, 16))] * 3
+    assert type(module.proj[0]) is nn.Linear and type(module.attn[2]) is nn.MultiheadAttention
 
 
-def _scripted_runs(monkeypatch, rounds_of_seconds: list[list[tuple[float, float]]]) -> list[int]:
-    """Make _fastest_runs return (plain, packed) seconds per distinct layer, round after round."""
-    script = iter(pair for one_round in rounds_of_seconds for pair in one_round)
+def _scripted_runs(monkeypatch, rounds_of_seconds: list[tuple[float, float]]) -> list[bool]:
+    """Make _fastest_runs return (plain, packed) seconds, round after round; records each round's warm_up."""
+    script = iter(rounds_of_seconds)
     calls = []
 
-    def scripted(forms, args, kwargs, repeats):
-        calls.append(len(forms))
+    def scripted(forms, args, kwargs, repeats, warm_up=True):
+        assert len(forms) == 2
+        calls.append(warm_up)
         return list(next(script))
 
     monkeypatch.setattr(onednn, "_fastest_runs", scripted)
     return calls
 
 
-def test_time_packing_times_a_close_call_again_and_keeps_each_layers_fastest(monkeypatch) -> None:
-    # _Repeated's timed layers, in the order its forward pass meets them: unpadded attention (x2), linear (x3);
-    # batch 1, so ms per image = 1000 x seconds
+def test_time_packing_times_a_close_call_again_and_keeps_the_fastest_of_the_rounds(monkeypatch) -> None:
     calls = _scripted_runs(monkeypatch, [
-        [(1.00, 1.01), (1.00, 1.01)],   # round 1: 5.00 against 5.05 s, packed 1% slower: too close to call
-        [(1.02, 0.80), (0.99, 1.20)],   # round 2: fastest of both rounds: 2*1.00 + 3*0.99 = 4.97 against
-                                        # 2*0.80 + 3*1.01 = 4.63, 7% apart: decided
-        [(9.0, 9.0), (9.0, 9.0)],       # never reached
+        (1.00, 1.01),   # round 1: packed 1% slower: too close to call
+        (1.02, 0.90),   # round 2: fastest of both rounds 1.00 against 0.90: 10% apart, decided
+        (9.0, 9.0),     # never reached
     ])
-    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1, rounds=3)
-    assert len(calls) == 4
-    assert timing.layers == 5 and timing.packed_faster
-    assert (round(timing.plain_ms), round(timing.packed_ms)) == (4970, 4630)
+    timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=2, rounds=3)
+    assert calls == [True, False]               # only the first round warms up
+    assert timing.layers == 6 and timing.packed_faster
+    assert (round(timing.plain_ms), round(timing.packed_ms)) == (500, 450)   # per copy of the sample
 
 
 def test_time_packing_stops_after_one_round_when_it_is_clear_and_after_rounds_when_it_stays_close(monkeypatch) -> None:
-    calls = _scripted_runs(monkeypatch, [[(1.0, 2.0), (1.0, 2.0)]])
+    calls = _scripted_runs(monkeypatch, [(1.0, 2.0)])
     assert not time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1).packed_faster
-    assert len(calls) == 2
-    calls = _scripted_runs(monkeypatch, [[(1.0, 1.0), (1.0, 1.0)]] * 5)
+    assert len(calls) == 1
+    calls = _scripted_runs(monkeypatch, [(1.0, 1.0)] * 5)
     timing = time_packing(_Repeated().eval(), _randn(7, 1, 16), batch=1, rounds=3)
-    assert len(calls) == 6 and timing.plain_ms == timing.packed_ms == 5000 and not timing.packed_faster
+    assert len(calls) == 3 and timing.plain_ms == timing.packed_ms == 1000 and not timing.packed_faster
 
 
 @pytest.mark.parametrize("packed_faster", [True, False])
