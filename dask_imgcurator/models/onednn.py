@@ -10,7 +10,7 @@ Results equal the original modules' up to float rounding (the tests compare them
 
 Which is faster depends on the machine, not only on its instruction set. Measured on 2-core AMD
 EPYCs, ViT-B-32 fp32: on an AVX-512 one (Zen 5) the packed encoder ran x1.21-1.25; on AVX2-only
-ones x0.84 on one host and x1.0-1.15 on another of the same CPU model. Hence the ``auto`` setting
+ones x0.84 on one host and x1.0-1.19 on others of the same CPU model. Hence the ``auto`` setting
 (:func:`onednn_mode`): at load, :func:`time_packing` times the model's forward pass both ways,
 and the faster is kept. ``benchmarks/README.md`` has the end-to-end figures.
 """
@@ -290,10 +290,6 @@ class _Replacement:
             return PackedAttention(layer)
         return PackedLinear.from_linear(layer, "gelu" if self.gelu_name else "none")
 
-    def plain(self) -> Callable[..., torch.Tensor]:
-        layer = self.layer
-        return (lambda x: F.gelu(layer(x))) if self.gelu_name else layer
-
 
 def _replacements(parent: nn.Module) -> list[_Replacement]:
     found = []
@@ -343,9 +339,9 @@ def time_packing(
     and packed, on this machine.
 
     The pass runs on ``batch`` copies of ``sample`` (stacked along its first dimension), the plain
-    and the packed layers taking turns ``repeats`` times after a warm-up pass of each, and the fastest run of each
-    counts (the speed of a shared machine moves between runs; turns and minima keep both sides
-    comparable). Where the two come within ``close`` of each other, another round of ``repeats``
+    and the packed layers taking turns ``repeats`` times after a warm-up pass of each, and the
+    fastest run of each counts (the speed of a shared machine moves between runs; turns and minima
+    keep both sides comparable). Where the two come within ``close`` of each other, another round of ``repeats``
     turns follows, up to ``rounds`` rounds. The whole pass is timed, not the layers alone: on a
     2-core EPYC the layers timed one by one came out 1.3% faster plain on one thread while the
     encoder ran 14% faster packed. ``module`` is left as it was.
@@ -385,7 +381,7 @@ def time_packing(
     best = [math.inf, math.inf]
     try:
         for done in range(1, max(rounds, 1) + 1):
-            runs = _fastest_runs([form(False), form(True)], (), {}, repeats, warm_up=done == 1)
+            runs = _fastest_runs([form(False), form(True)], repeats, warm_up=done == 1)
             best = list(map(min, best, runs))
             timing = KernelTiming(plain_ms=1000 * best[0] / batch, packed_ms=1000 * best[1] / batch, layers=len(found))
             if abs(timing.packed_ms - timing.plain_ms) >= close * timing.plain_ms:
@@ -464,16 +460,14 @@ def _write_timings(path: Path, timings: dict[str, KernelTiming]) -> None:
     os.replace(tmp, path)
 
 
-def _fastest_runs(
-    forms: list[Callable[..., torch.Tensor]], args: tuple, kwargs: dict, repeats: int, warm_up: bool = True,
-) -> list[float]:
+def _fastest_runs(forms: list[Callable[[], torch.Tensor]], repeats: int, warm_up: bool = True) -> list[float]:
     """Seconds of the fastest of ``repeats`` runs of each form, the forms taking turns (after a warm-up run)."""
     best = [math.inf] * len(forms)
     with torch.inference_mode():
         for run in range(0 if warm_up else 1, repeats + 1):
             for i, form in enumerate(forms):
                 start = time.perf_counter()
-                form(*args, **kwargs)
+                form()
                 if run:
                     best[i] = min(best[i], time.perf_counter() - start)
     return best

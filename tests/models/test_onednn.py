@@ -248,7 +248,7 @@ def _scripted_runs(monkeypatch, rounds_of_seconds: list[tuple[float, float]]) ->
     script = iter(rounds_of_seconds)
     calls = []
 
-    def scripted(forms, args, kwargs, repeats, warm_up=True):
+    def scripted(forms, repeats, warm_up=True):
         assert len(forms) == 2
         calls.append(warm_up)
         return list(next(script))
