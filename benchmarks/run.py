@@ -5,8 +5,10 @@ Run ``python benchmarks/run.py --quick`` (a few minutes on 2 cores) or ``python 
 
 Every measurement runs in a fresh Python process (peak RSS and thread settings stay apart),
 all on the same generated shards. Measurements that are compared are interleaved (ceiling,
-naive, curate, ceiling, naive, curate, ...) and repeated; ratios are taken within each
-repetition and summarised by their median. Each line carries ``others_cpu``: the share of the
+naive, curate, ceiling, naive, curate, ..., ceiling) and repeated; ratios are taken within each
+repetition and summarised by their median, curate's against the ceiling interpolated in time
+between the ceilings measured before and after it (every line says when it finished,
+``finished_at_s``, seconds into the suite). Each line carries ``others_cpu``: the share of the
 machine's CPU time that processes outside the measurement used during it (0 = quiet machine),
 so that a figure taken while other jobs ran can be recognised.
 
@@ -693,6 +695,7 @@ class Runner:
 
     def __init__(self, max_others: float, max_wait: float, retries: int):
         self.max_others, self.max_wait, self.retries = max_others, max_wait, retries
+        self.started = time.perf_counter()
 
     def wait_quiet(self) -> float:
         import psutil
@@ -709,6 +712,8 @@ class Runner:
         for attempt in range(1, self.retries + 2):
             waited += self.wait_quiet()
             lines = run_child(section, params)
+            done = round(time.perf_counter() - self.started, 1)
+            lines = [{**line, "finished_at_s": done} for line in lines]
             others = max(line.get("others_cpu", 0.0) or 0.0 for line in lines)
             if best is None or others < max(line.get("others_cpu", 0.0) or 0.0 for line in best):
                 best = [{**line, "attempt": attempt} for line in lines]
@@ -819,13 +824,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         if "bf16" in sections and "bf16" in precisions:
             record(("bf16", name), run_child("bf16", {**base, "shards": shards, "images": min(64, images)}))
 
+        def ceilings(precision: str) -> None:
+            sizes = [min(bs, per_shard - i) for _ in range(n_shards) for i in range(0, per_shard, bs)]
+            for layout in ("gpu",) if gpu else ("threads", "procs", "threads_other_kernels"):
+                p = {**base, "precision": precision, "batches": sizes, "layout": layout}
+                record(("ceiling", name, precision, layout), measure("model_ceiling", p))
+
         for rep in range(repeats):
             for precision in precisions:
                 if "model_ceiling" in sections:
-                    for layout in ("gpu",) if gpu else ("threads", "procs", "threads_other_kernels"):
-                        sizes = [min(bs, per_shard - i) for _ in range(n_shards) for i in range(0, per_shard, bs)]
-                        p = {**base, "precision": precision, "batches": sizes, "layout": layout}
-                        record(("ceiling", name, precision, layout), measure("model_ceiling", p))
+                    ceilings(precision)
                 if "naive" in sections and precision == "fp32":
                     record(("naive", name), measure("naive", {**base, "shards": shards}))
                 if "curate" in sections:
@@ -840,6 +848,10 @@ def orchestrate(args: argparse.Namespace) -> int:
                         with tempfile.TemporaryDirectory(dir=work) as out:
                             p = curate_params(name, precision, shards, out, label="curate_alt", **alt)
                             record(("curate_alt", name, precision), measure("curate", p))
+        if "model_ceiling" in sections and "curate" in sections:
+            # a closing ceiling after the last curate: every curate run then lies between two ceilings
+            for precision in precisions:
+                ceilings(precision)
 
         for precision in precisions:
             if gpu:
@@ -894,29 +906,59 @@ def _rates(results: dict, key: tuple) -> list[float]:
     return [r["images_per_s"] for r in results.get(key, [])]
 
 
+def _bracketed(ceiling: list[dict], runs: list[dict]) -> list[float]:
+    """The ceiling's images/s at the middle of each run, interpolated in time between the ceiling
+    measured just before the run and the one just after (the nearest one where only one side has any).
+
+    The host's speed drifts by several percent over minutes; a run compared with the ceiling of one
+    side only carries that drift into its ratio, while the interpolation cancels a drift that is
+    linear over the few minutes between two ceilings.
+    """
+    def middle(line: dict) -> float:
+        return line["finished_at_s"] - line["seconds"] / 2
+
+    points = sorted((middle(c), c["images_per_s"]) for c in ceiling)
+    out = []
+    for run in runs:
+        t = middle(run)
+        before = [(tc, v) for tc, v in points if tc <= t]
+        after = [(tc, v) for tc, v in points if tc > t]
+        if before and after:
+            (t0, v0), (t1, v1) = before[-1], after[0]
+            out.append(v0 + (v1 - v0) * (t - t0) / (t1 - t0))
+        else:
+            out.append((before[-1] if before else after[0])[1])
+    return out
+
+
 def _emit_ratios(results: dict, name: str, precision: str, threads: int) -> None:
     """Ratios within each repetition (median over repetitions), with the issue's targets."""
     rate = functools.partial(_rates, results)
+    cur_lines = results.get(("curate", name, precision), [])
     cur = rate(("curate", name, precision))
-    lay = {lo: rate(("ceiling", name, precision, lo)) for lo in ("threads", "procs", "threads_other_kernels")}
+    layouts = ("threads", "procs", "threads_other_kernels")
+    lay = {lo: rate(("ceiling", name, precision, lo)) for lo in layouts}
     if cur and lay["threads"] and lay["procs"]:
         # The fastest way found to run the encoder alone, including the kernels the package did not pick:
-        # the layout with the best median, taken in each repetition. (The best of the layouts within each
-        # repetition would be the maximum of three noisy figures, which on a machine whose speed moves by
+        # the layout with the best median, taken at each curate run. (The best of the layouts at each
+        # run would be the maximum of three noisy figures, which on a machine whose speed moves by
         # +-10% between measurements overstates the ceiling by about that much.)
         fastest = max((lo for lo, v in lay.items() if v), key=lambda lo: statistics.median(lay[lo]))
-        r = _ratio(cur, lay[fastest])
-        per_repeat_best = _ratio(cur, [max(rates) for rates in zip(*(v for v in lay.values() if v))])
+        at_runs = {lo: _bracketed(results[("ceiling", name, precision, lo)], cur_lines) for lo in layouts if lay[lo]}
+        r = _ratio(cur, at_runs[fastest])
+        per_repeat_best = _ratio(cur, [max(rates) for rates in zip(*at_runs.values())])
         emit({"section": "ratio", "ratio": "curate/model_ceiling", "model": name, "precision": precision, **r,
-              "ceiling_layout": fastest, "against_best_of_each_repeat": per_repeat_best["value"],
+              "ceiling_layout": fastest, "ceiling_at_run": "interpolated between the ceilings before and after it",
+              "against_ceiling_before": _ratio(cur, lay[fastest])["value"],
+              "against_best_of_each_repeat": per_repeat_best["value"],
               "ceiling_images_per_s": {"1_process": lay["threads"], "1_per_core": lay["procs"],
                                        "1_process_other_kernels": lay["threads_other_kernels"]},
               **_target(r["value"], 0.90 if precision == "fp32" else None)})
-        same_layout = lay["threads"] if threads > 1 else lay["procs"]
+        same_layout = at_runs["threads" if threads > 1 else "procs"]
         same = _ratio(cur, same_layout)
         emit({"section": "ratio", "ratio": "curate/model_ceiling_same_layout", "model": name,
               "precision": precision, **same})
-        _emit_encoder_share(results[("curate", name, precision)], same_layout, name, precision)
+        _emit_encoder_share(cur_lines, same_layout, name, precision)
     naive = rate(("naive", name))
     if cur and naive:
         r = _ratio(cur, naive)
@@ -938,8 +980,8 @@ def _emit_encoder_share(curate_lines: list[dict], ceiling: list[float], name: st
     ``encoder_busy_share``: curate's images/s over what its workers' encoders delivered while they ran
     (workers x images per second inside ``LoadedModel.encode``), i.e. the mean share of a worker's wall
     time spent encoding; both come from the same run, so the minute-to-minute speed of the host cancels.
-    ``in_run_encoder/model_ceiling_same_layout``: that in-run encoder speed against the ceiling measured
-    in the same layout just before; it carries the host's drift between the two measurements.
+    ``in_run_encoder/model_ceiling_same_layout``: that in-run encoder speed against the ceiling in the
+    same layout at the run (see :func:`_bracketed`); it carries what drift the interpolation leaves.
     """
     encoder = [line["workers"] * line["worker_split"]["encode_images_per_s"] for line in curate_lines
                if (line.get("worker_split") or {}).get("encode_images_per_s")]
@@ -956,9 +998,12 @@ def _emit_gpu_ratios(results: dict, name: str, precision: str) -> None:
     rate = functools.partial(_rates, results)
     cur, ceiling = rate(("curate", name, precision)), rate(("ceiling", name, precision, "gpu"))
     if cur and ceiling:
-        r = _ratio(cur, ceiling)
+        at_runs = _bracketed(results[("ceiling", name, precision, "gpu")], results[("curate", name, precision)])
+        r = _ratio(cur, at_runs)
         emit({"section": "ratio", "ratio": "curate/model_ceiling", "device": "cuda", "model": name,
-              "precision": precision, **r, "ceiling_images_per_s": ceiling, **_target(r["value"], 0.90)})
+              "precision": precision, **r, "ceiling_at_run": "interpolated between the ceilings before and after it",
+              "against_ceiling_before": _ratio(cur, ceiling)["value"], "ceiling_images_per_s": ceiling,
+              **_target(r["value"], 0.90)})
     if cur and name == "ViT-L-14" and precision == "bf16":
         per_gpu = [c / r["workers"] for c, r in zip(cur, results[("curate", name, precision)])]
         value = round(statistics.median(per_gpu), 1)
