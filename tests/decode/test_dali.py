@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from dask_imgcurator.decode import DaliDecoder, PillowDecoder, dali_available, make_decoder  # noqa: E402
+from dask_imgcurator.decode import DaliDecoder, PillowDecoder, dali_available, make_decoder, probe_image  # noqa: E402
+from dask_imgcurator.decode.dali import _dali_handles  # noqa: E402
 
 from .conftest import BAD_CASES, encode, normalised_white, photo, transparent_png, unusual_images  # noqa: E402
 
@@ -86,6 +87,18 @@ def test_unusual_images_go_to_pillow(spec, name, monkeypatch):
     assert routed == [blob]
     assert out.errors == [None, None]
     assert torch.equal(out.pixels[1:], PillowDecoder(spec, draft=False).decode([blob]).pixels)
+
+
+def test_webp_goes_to_pillow_on_the_cpu_only(spec, monkeypatch):
+    jpeg, webp = encode(photo(320, 240)), encode(photo(320, 240, seed=2), "WEBP")
+    dec = DaliDecoder(spec)
+    routed = _spy_on_pillow(dec, monkeypatch)
+    out = dec.decode([jpeg, webp])
+    assert routed == [webp]
+    assert out.errors == [None, None]
+    assert torch.equal(out.pixels[1], PillowDecoder(spec).decode([webp]).pixels[0])
+    info = probe_image(webp)
+    assert _dali_handles(info, "gpu") and not _dali_handles(info, "cpu")  # the GPU pipeline keeps WebP
 
 
 def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
