@@ -766,9 +766,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     measure = Runner(args.max_others, max_wait, retries)
     t_suite = time.perf_counter()
 
-    from dask_imgcurator.models.encoder import cpu_model
+    from dask_imgcurator.models.encoder import cpu_isa, cpu_model
 
-    emit({"section": "setup", "mode": mode, "cores": cores, "cpu": cpu_model(), "bf16_instructions": _has_bf16(),
+    emit({"section": "setup", "mode": mode, "cores": cores, "cpu": cpu_model(), "cpu_isa": cpu_isa(), "bf16_instructions": _has_bf16(),
           "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "python": platform.python_version(), "repeats": repeats,
           "curate_workers": workers, "curate_threads_per_worker": threads, "decoder": args.decoder,
           "quiet_gate": {"max_others": args.max_others, "max_wait_s": max_wait, "retries": retries},

@@ -107,7 +107,7 @@ class LoadedModel:
         probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         if measure:
             key = "|".join((self.info.name, self.precision, f"{torch.get_num_threads()} threads",
-                            f"{cpu_model()} x{os.cpu_count()}", f"torch {torch.__version__}",
+                            f"{cpu_model()} {cpu_isa()} x{os.cpu_count()}", f"torch {torch.__version__}",
                             TIMING_METHOD))
             self.kernel_timing = timing = remembered_timing(
                 key, lambda: time_packing(self._forward, probe.to(self._input_dtype)), kernel_timings_file()
@@ -193,11 +193,33 @@ class LoadedModel:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
 
+#: CPU flags that open other oneDNN kernels (bf16, fp16 and AMX paths) beside torch's vector capability.
+_KERNEL_FLAGS = ("avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_bf16", "amx_int8")
+
+
 @functools.cache
 def cpu_model() -> str:
     """The CPU's model name (what kernel speed depends on), as Linux reports it."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run on here: torch's vector capability and the flags of
+    :data:`_KERNEL_FLAGS` the CPU has (e.g. ``AVX512+avx512_bf16``).
+
+    Virtual machines often name only the family ("AMD EPYC" for an AVX2 Milan and an AVX-512 Zen 5
+    alike), so the model name alone does not tell machines apart whose fastest kernels differ.
+    """
+    flags = set(_cpuinfo_field("flags").split())
+    return "+".join([torch.backends.cpu.get_cpu_capability(), *(f for f in _KERNEL_FLAGS if f in flags)])
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in ``/proc/cpuinfo``, "" where there is none."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    return ""

@@ -321,6 +321,41 @@ def test_auto_measures_once_per_machine_and_model_then_remembers(tmp_path, monke
     assert len(calls) == 2
 
 
+def test_remembered_kernels_are_keyed_by_the_instruction_set_too(tmp_path, monkeypatch) -> None:
+    """Two machines that report the same model name ("AMD EPYC" in VMs of AVX2 and AVX-512 hosts alike)
+    but run other kernels each measure their own choice."""
+    from dask_imgcurator.models.clip import _load_visual
+
+    calls = []
+
+    def counting(module, sample):
+        calls.append(1)
+        return KernelTiming(plain_ms=2.0, packed_ms=1.0, layers=3)
+
+    monkeypatch.setattr(encoder_module, "time_packing", counting)
+    monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))  # a machine that has measured nothing yet
+    ref = make_tiny_model_dir(tmp_path / "m")
+    LoadedModel(*_load_visual(ref), onednn="measure")
+    assert len(calls) == 1
+    monkeypatch.setattr(encoder_module, "cpu_isa", lambda: "AVX2")
+    LoadedModel(*_load_visual(ref), onednn="measure")
+    LoadedModel(*_load_visual(ref), onednn="measure")
+    assert len(calls) == 2
+    keys = json.loads((tmp_path / "home" / "kernel-timings.json").read_text())
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert any(f" {isa}" in key for key in keys) and any(" AVX2 x" in key for key in keys)
+
+
+def test_cpu_isa_names_torchs_capability_and_the_kernel_flags_present(monkeypatch) -> None:
+    encoder_module.cpu_isa.cache_clear()
+    monkeypatch.setattr(encoder_module, "_cpuinfo_field",
+                        lambda name: "fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16" if name == "flags" else "")
+    try:
+        assert encoder_module.cpu_isa() == f"{torch.backends.cpu.get_cpu_capability()}+avx512_bf16+amx_bf16"
+    finally:
+        encoder_module.cpu_isa.cache_clear()
+
+
 def test_remembered_timing_reads_what_it_wrote_and_survives_a_damaged_file(tmp_path) -> None:
     path = tmp_path / "timings.json"
     timings = iter([KernelTiming(1.0, 2.0, 4), KernelTiming(5.0, 3.0, 4)])
