@@ -661,11 +661,9 @@ CHILDREN = {
 
 
 def _has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+    from dask_imgcurator.models.encoder import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 # ============================================================================ orchestration

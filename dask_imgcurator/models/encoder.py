@@ -193,8 +193,9 @@ class LoadedModel:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
 
-#: CPU flags that open other oneDNN kernels (bf16, fp16 and AMX paths) beside torch's vector capability.
-_KERNEL_FLAGS = ("avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_bf16", "amx_int8")
+#: CPU flags that open other oneDNN kernels for the package's precisions (bf16 and fp16, AVX-512 and
+#: AMX paths) beside torch's vector capability.
+_KERNEL_FLAGS = ("avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_bf16", "amx_fp16")
 
 
 @functools.cache
@@ -211,8 +212,14 @@ def cpu_isa() -> str:
     Virtual machines often name only the family ("AMD EPYC" for an AVX2 Milan and an AVX-512 Zen 5
     alike), so the model name alone does not tell machines apart whose fastest kernels differ.
     """
-    flags = set(_cpuinfo_field("flags").split())
+    flags = cpu_flags()
     return "+".join([torch.backends.cpu.get_cpu_capability(), *(f for f in _KERNEL_FLAGS if f in flags)])
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``avx2``, ``avx512_bf16``, ...); empty elsewhere."""
+    return frozenset(_cpuinfo_field("flags").split())
 
 
 def _cpuinfo_field(name: str) -> str:

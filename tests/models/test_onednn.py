@@ -348,12 +348,15 @@ def test_remembered_kernels_are_keyed_by_the_instruction_set_too(tmp_path, monke
 
 def test_cpu_isa_names_torchs_capability_and_the_kernel_flags_present(monkeypatch) -> None:
     encoder_module.cpu_isa.cache_clear()
+    encoder_module.cpu_flags.cache_clear()
     monkeypatch.setattr(encoder_module, "_cpuinfo_field",
                         lambda name: "fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16" if name == "flags" else "")
     try:
+        assert encoder_module.cpu_flags() >= {"avx2", "avx512_bf16", "amx_bf16"}
         assert encoder_module.cpu_isa() == f"{torch.backends.cpu.get_cpu_capability()}+avx512_bf16+amx_bf16"
     finally:
         encoder_module.cpu_isa.cache_clear()
+        encoder_module.cpu_flags.cache_clear()
 
 
 def test_remembered_timing_reads_what_it_wrote_and_survives_a_damaged_file(tmp_path) -> None:
