@@ -109,12 +109,18 @@ class CurationSummary:
         ]
         lines += [f"  filtered by {cond!r}: {n}" for cond, n in sorted(self.filtered.items())]
         lines += [f"  failed ({kind}): {n}" for kind, n in sorted(self.failed.items())]
-        lines.append(f"written: {self.written} samples in {self.shards} shards")
+        lines.append(f"written: {_counted(self.written, 'sample')} in {_counted(self.shards, 'shard')}")
         if self.parts_skipped or self.shards_skipped:
             lines.append(
-                f"resumed: {self.parts_skipped} metadata parts and {self.shards_skipped} shards were already complete"
+                f"resumed: {_counted(self.parts_skipped, 'metadata part')} and {_counted(self.shards_skipped, 'shard')}"
+                " were already complete"
             )
         return "\n".join(lines)
+
+
+def _counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 ("1 shard", "2 shards")."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def write_curated(

@@ -129,3 +129,12 @@ def test_unbalanced_accounting_exits_non_zero(capsys):
     assert "DOES NOT ADD UP" in captured.out and "do not add up" in captured.err
     fine = CurationSummary(samples_in=10, kept=5, filtered={"x > 1": 3}, failed={"no image": 2}, written=5)
     assert fine.balanced and _report(fine, "OUT") == 0
+
+
+def test_report_counts_its_nouns_in_the_singular_and_the_plural():
+    one = CurationSummary(samples_in=1, kept=1, written=1, shards=1, parts_skipped=1, shards_skipped=1)
+    assert "written: 1 sample in 1 shard\n" in one.report() + "\n"
+    assert "resumed: 1 metadata part and 1 shard were already complete" in one.report()
+    many = CurationSummary(samples_in=4, kept=4, written=4, shards=2, parts_skipped=3, shards_skipped=0)
+    assert "written: 4 samples in 2 shards" in many.report()
+    assert "resumed: 3 metadata parts and 0 shards were already complete" in many.report()
