@@ -17,6 +17,9 @@ Sections (``--sections``):
 - ``model_ceiling``: the image encoder alone (our loader, same precision and batch size) on
   ready preprocessed tensors, as one process using every core, and as one single-threaded
   process per core; the faster layout is the ceiling.
+- ``batch``: the same encoder in one worker's layout (CPU: one process with a worker's torch
+  threads; GPU: one device) at 1/4, 1/2, 1, 2 and 4 times the default batch size, sizes
+  interleaved in each round: is the default the fastest batch for this device and model?
 - ``decode``: decode + CLIP preprocessing per core: DALI CPU (all images, and with large JPEGs
   sent to Pillow's draft: the default), ``PillowDecoder`` (Pillow opens, torchvision decodes plain
   images) without and with JPEG draft, and Pillow + open_clip's own transform.
@@ -30,7 +33,7 @@ Sections (``--sections``):
 - ``bf16``: cosine similarity of bf16 and fp32 embeddings of the same images.
 
 ``--device cuda`` measures the GPU target instead: ViT-L-14 bf16 (the defaults there), batch 256,
-``model_ceiling`` on ready CUDA tensors, ``decode`` with DALI ``mixed``, and ``curate`` on what
+``model_ceiling`` and ``batch`` on ready CUDA tensors, ``decode`` with DALI ``mixed``, and ``curate`` on what
 ``--cluster cuda`` starts (one worker per GPU), on 16 shards of 512 images (4 x 256 with ``--quick``).
 """
 from __future__ import annotations
@@ -51,8 +54,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("decode", "model_ceiling", "naive", "curate", "bf16", "scaling", "index")
-GPU_SECTIONS = ("decode", "model_ceiling", "curate")
+SECTIONS = ("decode", "model_ceiling", "batch", "naive", "curate", "bf16", "scaling", "index")
+GPU_SECTIONS = ("decode", "model_ceiling", "batch", "curate")
 
 #: Images per measurement: (shards, samples per shard); quick and full mode, per model. A whole number
 #: of shards per worker on 2 cores, so that no worker idles through the last shard of a short run.
@@ -65,6 +68,9 @@ GPU_DATA = {"quick": (4, 256), "full": (16, 512)}
 SCALING = {"quick": (2, 32), "full": (4, 64)}  # the 1x point (a shard per worker on 2 cores); 2x and 4x add shards
 REPEATS = {"quick": 2, "full": 3}
 INDEX = {"quick": (2, 150), "full": (4, 250)}  # shards x samples of ~1.5 MB members
+#: --sections batch: multiples of the default batch size, and the images encoded per size and round
+BATCH_FACTORS = (0.25, 0.5, 1, 2, 4)
+BATCH_IMAGES = {"quick": {"cpu": 64, "cuda": 2048}, "full": {"cpu": 128, "cuda": 4096}}  # ViT-L-14 CPU: 1/8
 WARMUP_SAMPLES = 40  # per worker, before curate's clock starts (model load, decoder build, first batches)
 
 
@@ -491,6 +497,70 @@ def _embed_variant(path: str):
     return EmbedVariant(path)
 
 
+def batch_sizes(default: int) -> list[int]:
+    """The batch sizes the ``batch`` section compares: ``BATCH_FACTORS`` times ``default``, at least 1, each once."""
+    return sorted({max(1, round(default * f)) for f in BATCH_FACTORS})
+
+
+def child_batch(p: dict) -> list[dict]:
+    """The encoder alone on ready tensors at each of ``p["sizes"]``, interleaved over ``p["rounds"]`` rounds.
+
+    Each size encodes at least ``p["images"]`` images per round (whole batches); the line per size
+    gives the median images/s over the rounds, and on a GPU the peak memory that size needed.
+    """
+    import torch
+
+    gpu = p["device"] == "cuda"
+    if gpu:
+        from _models import random_clip_dir
+
+        model = random_clip_dir(p["model_dir"], p["model"]).load("cuda", p["precision"])
+    else:
+        model = _load_encoder({**p, "layout": "threads"}, p["threads"])
+    device = "cuda" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    side = model.preprocess.size
+    peak_mb: dict[int, float] = {}
+    for n in p["sizes"]:  # warm-up per size: kernels chosen for its shapes, memory pool grown
+        x = torch.randn(n, 3, side, side, device=device)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        model.encode(x)
+        sync()
+        if gpu:
+            peak_mb[n] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        del x
+    rates: dict[int, list[float]] = {n: [] for n in p["sizes"]}
+    with Meter() as m:  # others_cpu: whether other processes disturbed the rounds
+        for _ in range(p["rounds"]):
+            for n in p["sizes"]:
+                x = torch.randn(n, 3, side, side, device=device)
+                calls = max(1, -(-p["images"] // n))
+                sync()
+                start = time.perf_counter()
+                for _call in range(calls):
+                    model.encode(x)
+                sync()
+                rates[n].append(round(calls * n / (time.perf_counter() - start), 2))
+                del x
+    return [{"section": "batch", "model": p["model"], "precision": p["precision"], "device": p["device"],
+             "threads": None if gpu else p["threads"], "batch_size": n, "default_batch_size": p["default"],
+             "images_per_s": round(statistics.median(rates[n]), 2), "per_round": rates[n],
+             "others_cpu": round(m.others, 3), **({"gpu_peak_memory_mb": peak_mb[n]} if gpu else {})}
+            for n in p["sizes"]]
+
+
+def batch_verdict(lines: list[dict]) -> dict:
+    """The ``batch`` section's summary: the fastest size, and the default's speed against it."""
+    best = max(lines, key=lambda line: line["images_per_s"])
+    (default,) = [line for line in lines if line["batch_size"] == line["default_batch_size"]]
+    return {"section": "ratio", "ratio": "default_batch/best_batch", "model": default["model"],
+            "precision": default["precision"], "device": default["device"],
+            "default_batch_size": default["batch_size"], "best_batch_size": best["batch_size"],
+            "value": round(default["images_per_s"] / best["images_per_s"], 3),
+            "images_per_s": {line["batch_size"]: line["images_per_s"] for line in lines}}
+
+
 def child_decode(p: dict) -> list[dict]:
     """Decode + CLIP preprocess per core (one thread) for each decoder, interleaved and repeated."""
     import io
@@ -655,6 +725,7 @@ CHILDREN = {
     "naive": child_naive,
     "curate": child_curate,
     "decode": child_decode,
+    "batch": child_batch,
     "bf16": child_bf16,
     "index": child_index,
 }
@@ -673,7 +744,7 @@ def run_child(section: str, params: dict) -> list[dict]:
     """Run one measurement in a fresh interpreter and return its JSON lines."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, json.dumps(params)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    if section == "model_ceiling":
+    if section in ("model_ceiling", "batch"):
         env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")  # what distributed's nanny gives curate's workers
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -856,6 +927,15 @@ def orchestrate(args: argparse.Namespace) -> int:
                 _emit_gpu_ratios(results, name, precision)
             else:
                 _emit_ratios(results, name, precision, default_layout(n_shards)[1])
+
+        if "batch" in sections:  # after the ratios: a run cut short here still has them
+            for precision in precisions:
+                p = {**base, "precision": precision, "threads": threads, "default": bs, "sizes": batch_sizes(bs),
+                     "images": BATCH_IMAGES[mode]["cuda" if gpu else "cpu"] // (1 if gpu or name == "ViT-B-32" else 8),
+                     "rounds": repeats}
+                lines = measure("batch", p)
+                record(("batch", name, precision), lines)
+                emit(batch_verdict(lines))
 
     if "bf16" in sections:
         for line in results.get(("bf16", models[0]), []):

@@ -46,3 +46,22 @@ def test_the_curate_ratio_is_taken_against_the_interpolated_ceiling(capsys, monk
     assert ratio["value"] == pytest.approx(0.9)
     assert ratio["against_ceiling_before"] == pytest.approx(1.0)  # the old pairing: the ceiling before only
     assert ratio["met"] is True
+
+
+def test_batch_sizes_span_a_quarter_to_four_times_the_default():
+    assert run.batch_sizes(32) == [8, 16, 32, 64, 128]
+    assert run.batch_sizes(256) == [64, 128, 256, 512, 1024]
+    assert run.batch_sizes(2) == [1, 2, 4, 8]  # a quarter and a half of 2 round to the same size, 1
+
+
+def test_the_batch_verdict_names_the_fastest_size_and_the_default_against_it():
+    def batch_line(size: int, rate: float) -> dict:
+        return {"section": "batch", "model": "m", "precision": "bf16", "device": "cuda", "batch_size": size,
+                "default_batch_size": 256, "images_per_s": rate}
+
+    lines = [batch_line(128, 1800.0), batch_line(256, 2000.0), batch_line(512, 2500.0)]
+    verdict = run.batch_verdict(lines)
+    assert verdict["best_batch_size"] == 512
+    assert verdict["default_batch_size"] == 256
+    assert verdict["value"] == pytest.approx(0.8)
+    assert verdict["images_per_s"] == {128: 1800.0, 256: 2000.0, 512: 2500.0}
