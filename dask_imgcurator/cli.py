@@ -5,16 +5,25 @@ import argparse
 import contextlib
 import functools
 import json
+import posixpath
 import signal
 import sys
 import threading
 from collections import Counter
 
 import dask
+from fsspec.core import url_to_fs
 
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.reader import read_webdataset
-from dask_imgcurator.io.shards import ShardError, expand_shards, group_samples, scan_members, write_dali_index
+from dask_imgcurator.io.shards import (
+    ShardError,
+    expand_shards,
+    full_url,
+    group_samples,
+    scan_members,
+    write_dali_index,
+)
 from dask_imgcurator.io.writer import OutputExistsError
 from dask_imgcurator.pipeline import CurationSummary, mark_kept, write_curated
 from dask_imgcurator.progress import run_tasks
@@ -316,7 +325,7 @@ def _curate(args: argparse.Namespace, source) -> int:
     filt = parse_filter(" and ".join(f"({f})" for f in args.filter)) if args.filter else None
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     check_offline_weights(source, heads)
-    ddf = read_webdataset(args.shards)
+    ddf = read_webdataset(_input_shards(args.shards, args.out))
     ddf = embed(
         ddf, source, heads=heads, batch_size=args.batch_size,
         precision=args.precision, decoder=args.decoder, max_pixels=args.max_pixels, draft=args.draft,
@@ -444,13 +453,31 @@ def _summarise_shard(df) -> dict:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    ddf = mark_kept(read_webdataset(args.shards))
+    ddf = mark_kept(read_webdataset(_input_shards(args.shards, args.out)))
     with _maybe_client(args.scheduler):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,
         )
     return _report(summary, args.out)
+
+
+def _input_shards(specs: list[str], out: str) -> list[str]:
+    """The shards ``specs`` name, less those in the shard folder of the run's own output ``out``.
+
+    A directory or glob of inputs with ``--out`` inside it would otherwise take the first run's
+    output shards as inputs of the next, so that the run could never be resumed or repeated.
+    """
+    urls = expand_shards(specs)  # local paths absolute, others with their protocol
+    out_fs, out_root = url_to_fs(out)
+    own = full_url(out_fs, posixpath.join(posixpath.normpath(out_root), "shards")) + "/"
+    kept = [url for url in urls if not url.startswith(own)]
+    if len(kept) < len(urls):
+        print(f"note: leaving out {len(urls) - len(kept)} shard(s) under {out}/shards: this run's own output",
+              file=sys.stderr)
+    if not kept:
+        raise FileNotFoundError(f"no input shards outside {out}/shards")
+    return kept
 
 
 def _report(summary: CurationSummary, out: str) -> int:
@@ -467,6 +494,18 @@ def _report(summary: CurationSummary, out: str) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     urls = expand_shards(args.shards)
+    if args.out:
+        by_name: dict[str, list[str]] = {}
+        for url in urls:
+            by_name.setdefault(_index_name(url), []).append(url)
+        clashes = {name: same for name, same in by_name.items() if len(same) > 1}
+        if clashes:
+            name, same = next(iter(clashes.items()))
+            raise ValueError(
+                f"{len(clashes)} index name(s) in --out {args.out} would be shared by shards of the same "
+                f"name, e.g. {name} by {', '.join(same[:3])}; index them without --out (next to each shard) "
+                "or into one --out per folder"
+            )
     write = dask.delayed(_write_input_index, pure=True)
     with _maybe_client(args.scheduler):
         results = run_tasks([write(u, args.out) for u in urls], "index", progress=True)
@@ -478,23 +517,25 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0 if written == len(urls) else 1
 
 
+def _index_name(url: str) -> str:
+    """The file name of a shard's DALI index: ``00000.tar`` -> ``00000.idx``."""
+    name = posixpath.basename(url)
+    return (name[: -len(".tar")] if name.endswith(".tar") else name) + ".idx"
+
+
 def _write_input_index(url: str, out_dir: str | None) -> str | None:
     """Write ``<shard>.idx``; returns why it could not, or None."""
-    import posixpath
-
-    from fsspec.core import url_to_fs
-
     members, refused, error = scan_members(url)
     if error:
         return error
     samples = group_samples(members, refused)
     fs, path = url_to_fs(url)
-    target = path[: -len(".tar")] if path.endswith(".tar") else path
+    target = path[: -len(".tar")] + ".idx" if path.endswith(".tar") else path + ".idx"
     if out_dir:
         fs, root = url_to_fs(out_dir)
         fs.makedirs(root, exist_ok=True)
-        target = posixpath.join(root, posixpath.basename(target))
-    with fs.open(target + ".idx", "w") as f:
+        target = posixpath.join(root, _index_name(url))
+    with fs.open(target, "w") as f:
         write_dali_index([s.members for s in samples], f)
     return None
 

@@ -47,6 +47,37 @@ def test_index_writes_dali_index_files(demo_input, tmp_path, capsys):
     assert first[0] == "v1.2 8" and first[1].startswith("jpg ") and len(first) == 9
 
 
+def test_reshard_with_out_inside_the_input_folder_leaves_its_own_shards_out(demo_input, tmp_path, capsys):
+    root, _ = demo_input
+    data = tmp_path / "data"
+    ic.make_demo_shards(str(data), n_shards=2, samples_per_shard=4)
+    argv = ["reshard", str(data), "--out", str(data / "curated"), "--samples-per-shard", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = capsys.readouterr().out
+    tars = sorted((data / "curated" / "shards").glob("*.tar"))
+    before = [t.read_bytes() for t in tars]
+    assert main(argv) == 0, capsys.readouterr().err  # the directory now also holds curated/shards/*.tar
+    captured = capsys.readouterr()
+    assert f"leaving out {len(tars)} shard(s) under {data / 'curated'}/shards" in captured.err
+    assert "samples in: 8 = kept 8" in first and "samples in: 8 = kept 8" in captured.out
+    assert "already complete" in captured.out
+    assert [t.read_bytes() for t in sorted((data / "curated" / "shards").glob("*.tar"))] == before
+    # the run's folder names the sample once each: read_parquet(OUT) reads OUT/metadata, not OUT/shards too
+    assert len(ic.read_parquet(str(data / "curated")).compute()) == 8
+
+
+def test_index_into_one_folder_refuses_shards_that_share_a_name(demo_input, tmp_path, capsys):
+    for folder in ("a", "b"):
+        ic.make_demo_shards(str(tmp_path / folder), n_shards=1, samples_per_shard=2)
+    argv = ["index", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "idx")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "demo-00000.idx" in err and str(tmp_path / "a" / "demo-00000.tar") in err
+    assert not (tmp_path / "idx").exists()
+    assert main(["index", str(tmp_path / "a"), str(tmp_path / "b")]) == 0  # next to each shard: no clash
+    assert (tmp_path / "a" / "demo-00000.idx").exists() and (tmp_path / "b" / "demo-00000.idx").exists()
+
+
 def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
     root, ref = demo_input
     out = tmp_path / "cur"

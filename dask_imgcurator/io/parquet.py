@@ -1,6 +1,7 @@
 """Parquet metadata written by this package (or by ``to_parquet`` on its frames), read back lazily."""
 from __future__ import annotations
 
+import posixpath
 from typing import Sequence
 
 import dask.dataframe as dd
@@ -36,6 +37,8 @@ def read_parquet(path: str | Sequence[str], columns: Sequence[str] | None = None
     ----------
     path : str or sequence of str
         A file, a directory (its ``*.parquet`` files, sorted), a glob, or a list; local or fsspec URLs.
+        A curation run's output directory (``OUT``, holding ``metadata/`` and ``shards/``) reads
+        ``OUT/metadata``, every input sample once; name ``OUT/shards`` for the kept samples' rows.
     columns : sequence of str, optional
         Read only these columns.
 
@@ -69,6 +72,8 @@ def _parquet_files(path: str | Sequence[str]) -> list[str]:
         if any(c in local for c in "*?["):
             found = sorted(fs.glob(local))
         elif fs.isdir(local):
+            if all(fs.isdir(posixpath.join(local, d)) for d in ("metadata", "shards")):
+                local = posixpath.join(local, "metadata")  # a run's output: OUT/shards/*.parquet repeat kept rows
             found = sorted(f for f in fs.find(local) if f.endswith(".parquet"))
         else:
             found = [local] if fs.exists(local) else []
