@@ -50,6 +50,13 @@ def special_entries(tmp_path):
 SHARD_CASES = [
     ("truncated tar", lambda p: _cut(write_tar(p / "t.tar", sample_entries("ok", 3)), 512 * 14),
      {"ok0000": None, "ok0001": "unreadable shard", "": "unreadable shard"}, "truncated tar"),
+    ("corrupt header mid-archive",
+     lambda p: _at_header(write_tar(p / "t.tar", sample_entries("ok", 3)), "ok0002.jpg",
+                          lambda d, at: d[:at] + b"X" * 10 + d[at + 10 :]),
+     {"ok0000": None, "ok0001": "unreadable shard", "": "unreadable shard"}, "invalid member header at byte"),
+    ("cut at a member boundary",
+     lambda p: _at_header(write_tar(p / "t.tar", sample_entries("ok", 3)), "ok0002.jpg", lambda d, at: d[:at]),
+     {"ok0000": None, "ok0001": "unreadable shard", "": "unreadable shard"}, "without an end-of-archive marker"),
     ("garbage named .tar", lambda p: _bytes(p / "t.tar", b"<html>not a tar</html>" * 50),
      {"": "unreadable shard"}, "not a tar archive"),
     ("zero-byte .tar", lambda p: _bytes(p / "t.tar", b""), {"": "unreadable shard"}, "empty file (0 bytes)"),
@@ -66,6 +73,13 @@ SHARD_CASES = [
     ("'..' and absolute member names", lambda p: write_tar(p / "t.tar", [("../up.jpg", jpeg_bytes(1)), ("/abs.jpg", jpeg_bytes(2))]),
      {"../up": "unsafe member name", "/abs": "unsafe member name"}, "contains '..'"),
 ]
+
+
+def _at_header(path, name, damage):
+    """Apply ``damage(data, header_offset)`` to a tar around the header of member ``name``."""
+    data = path.read_bytes()
+    path.write_bytes(damage(data, data.index(name.encode() + b"\0")))
+    return path
 
 
 def _cut(path, n):

@@ -80,12 +80,15 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     -------
     list of str
         Local shards as absolute paths, remote ones as full URLs, in the order given (globs and
-        directories sorted).
+        directories sorted). A shard named more than once is listed once, where it first appears.
 
     Raises
     ------
+    ValueError
+        When no shards are given or a spec (or one of its brace alternatives) is empty.
     FileNotFoundError
-        When a path does not exist or a pattern matches nothing.
+        When a path does not exist or a pattern matches nothing. An existing path is taken
+        literally even when it contains glob characters (``[2024] set/x.tar``).
 
     Examples
     --------
@@ -99,19 +102,22 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for one in braceexpand.braceexpand(str(item)):
+            if not one.strip():
+                # An empty path would glob the whole working directory, recursively.
+                raise ValueError(f"empty shard spec in {item!r} (an unset variable?); give a path, glob or URL")
             urls.extend(_expand_one(one))
-    return urls
+    return list(dict.fromkeys(urls))
 
 
 def _expand_one(url: str) -> list[str]:
     fs, path = url_to_fs(url)
-    if _GLOB_CHARS & set(path):
+    if not fs.exists(path):
+        if not _GLOB_CHARS & set(path):
+            raise FileNotFoundError(f"no such shard: {url}")
         found = sorted(fs.glob(path))
         if not found:
             raise FileNotFoundError(f"pattern {url!r} matched no files")
         return [full_url(fs, p) for p in found]
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no such shard: {url}")
     if fs.isdir(path):
         found = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
         if not found:
@@ -142,10 +148,11 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
 
     Returns the regular-file members in archive order, the entries that were refused as
     (name, reason) (non-regular files, a member cut off by truncation), and a shard-level error
-    (truncation, not a tar) or None.
+    (truncation, a corrupt header, no end-of-archive marker, not a tar) or None.
     """
     members: list[Member] = []
     refused: list[tuple[str, str]] = []
+    last_entry = None
     with open_shard(url) as f:
         size = f.size if hasattr(f, "size") else f.seek(0, 2)
         f.seek(0)
@@ -154,6 +161,7 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
             for info in tar:
+                last_entry = info.name
                 if info.isdir():
                     continue
                 if not info.isfile():
@@ -175,7 +183,33 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
             else:
                 kind = "corrupt tar" if members else "not a tar archive"
             return members, refused, f"{url}: {kind}{where} ({exc})"
+        # tarfile stops silently at a bad or cut header past offset 0: only the end-of-archive
+        # marker (zero blocks up to the end of the file) shows that nothing was skipped.
+        problem = _end_of_archive_problem(f, tar.offset, size)
+    if problem:
+        where = f" after member {last_entry!r}" if last_entry is not None else ""
+        kind, detail = problem
+        return members, refused, f"{url}: {kind}{where}: {detail}; anything after it is not read"
     return members, refused, None
+
+
+def _end_of_archive_problem(f, stop: int, size: int) -> tuple[str, str] | None:
+    """Why the header scan's stop at byte ``stop`` is not a clean end of archive, as (kind, detail), or None."""
+    f.seek(stop)
+    block = f.read(tarfile.BLOCKSIZE)
+    if not block:
+        return "truncated tar", f"the file ends at byte {size} without an end-of-archive marker"
+    if block.count(0) != len(block):
+        if len(block) < tarfile.BLOCKSIZE:
+            return "truncated tar", f"the member header at byte {stop} is cut off by the end of the file at byte {size}"
+        return "corrupt tar", f"invalid member header at byte {stop}"
+    position = stop + len(block)
+    while chunk := f.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            first = position + len(chunk) - len(chunk.lstrip(b"\0"))
+            return "corrupt tar", f"non-zero data at byte {first} after the zero block at byte {stop} (a zeroed header?)"
+        position += len(chunk)
+    return None
 
 
 def _entry_kind(info: tarfile.TarInfo) -> str:

@@ -69,6 +69,7 @@ def test_extension_case_and_configurable_image_extensions(tmp_path):
         ("truncated", "truncated tar", 3),
         ("garbage", "not a tar archive", 1),
         ("zero", "empty file (0 bytes)", 1),
+        ("bad header", "corrupt tar after member 'g0001.json': invalid member header", 3),
     ],
 )
 def test_broken_shards_give_error_rows_and_keep_the_rest(tmp_path, shard_dir, case, phrase, rows):
@@ -76,6 +77,11 @@ def test_broken_shards_give_error_rows_and_keep_the_rest(tmp_path, shard_dir, ca
     bad = tmp_path / "bad.tar"
     if case == "truncated":
         bad.write_bytes(good.read_bytes()[: 512 * 12 + 100])
+    elif case == "bad header":  # g0002.jpg's header; tarfile alone would stop there without an error
+        data = bytearray(good.read_bytes())
+        at = data.index(b"g0002.jpg\0")
+        data[at : at + 10] = b"X" * 10
+        bad.write_bytes(bytes(data))
     elif case == "garbage":
         bad.write_bytes(b"\x89PNG not a tar" * 100)
     else:
@@ -89,6 +95,10 @@ def test_broken_shards_give_error_rows_and_keep_the_rest(tmp_path, shard_dir, ca
     if case == "truncated":  # the cut member's sample is reported; the complete one before it is fine
         assert bad_rows.key.tolist()[:2] == ["g0000", "g0001"] and pd.isna(bad_rows.error.iloc[0])
         assert "member 'g0001.jpg': truncated tar" in bad_rows.error.iloc[1]
+    if case == "bad header":  # samples before the damage stay; the last may have lost members
+        assert bad_rows.key.tolist()[:2] == ["g0000", "g0001"] and pd.isna(bad_rows.error.iloc[0])
+        assert bad_rows.caption.iloc[0] == "caption of g0000"
+        assert "broken entry after this sample" in bad_rows.error.iloc[1]
 
 
 def test_empty_tar_has_no_rows(tmp_path):

@@ -1,7 +1,10 @@
+import shutil
+import subprocess
 import tarfile
 
 import fsspec
 import pytest
+import webdataset as wds
 
 from dask_imgcurator.io.shards import (
     Member,
@@ -38,6 +41,31 @@ def test_expand_missing_paths_name_the_path(spec, phrase):
         expand_shards(spec)
 
 
+@pytest.mark.parametrize("spec", ["", "  ", ["", "x.tar"], "{,x.tar}"])
+def test_expand_refuses_an_empty_spec(tmp_path, monkeypatch, spec):
+    write_tar(tmp_path / "here.tar", sample_entries("h", 1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="empty shard spec"):
+        expand_shards(spec)
+
+
+def test_expand_takes_existing_paths_with_glob_characters_literally(tmp_path):
+    folder = tmp_path / "[2024] set?"
+    folder.mkdir()
+    shard = str(write_tar(folder / "x*.tar", sample_entries("x", 1)))
+    assert expand_shards(shard) == [shard]
+    assert expand_shards(str(folder)) == [shard]
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        expand_shards(str(folder / "y*.tar"))
+
+
+def test_expand_lists_each_shard_once_in_first_seen_order(shard_dir):
+    paths = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    assert expand_shards([paths[2], str(shard_dir / "*.tar")]) == [paths[2], paths[0], paths[1]]
+    assert expand_shards(str(shard_dir / "shard-{00001,00000,00001}.tar")) == [paths[1], paths[0]]
+    assert expand_shards([f"file://{paths[0]}", paths[0], str(shard_dir)]) == paths
+
+
 def test_split_key_is_webdataset_style():
     assert split_key("a/b/c.seg.png") == ("a/b/c", "seg.png")
     assert split_key("x.JPG") == ("x", "JPG")
@@ -65,6 +93,83 @@ def test_scan_flags_truncation_and_garbage(tmp_path):
     assert "not a tar archive" in scan_members(str(tmp_path / "junk.tar"))[2]
     (tmp_path / "zero.tar").write_bytes(b"")
     assert "empty file (0 bytes)" in scan_members(str(tmp_path / "zero.tar"))[2]
+
+
+def _header_offset(path, name):
+    members, _, _ = scan_members(str(path))
+    return next(m.offset for m in members if m.name == name) - tarfile.BLOCKSIZE
+
+
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        ("overwritten header", "corrupt tar after member 'k0001.json': invalid member header at byte {at}"),
+        ("zeroed header", "corrupt tar after member 'k0001.json': non-zero data at byte"),
+        ("cut at a member boundary",
+         "truncated tar after member 'k0001.json': the file ends at byte {at} without an end-of-archive marker"),
+        ("cut inside a header", "truncated tar after member 'k0001.json': the member header at byte {at} is cut off"),
+    ],
+    ids=["overwritten header", "zeroed header", "cut at a member boundary", "cut inside a header"],
+)
+def test_scan_reports_damage_after_good_members(tmp_path, damage, phrase):
+    path = write_tar(tmp_path / "a.tar", sample_entries("k", 4))
+    at = _header_offset(path, "k0002.jpg")
+    data = bytearray(path.read_bytes())
+    if damage == "overwritten header":
+        data[at : at + 10] = b"X" * 10
+    elif damage == "zeroed header":
+        data[at : at + tarfile.BLOCKSIZE] = bytes(tarfile.BLOCKSIZE)
+    else:
+        del data[at + (100 if damage == "cut inside a header" else 0) :]
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    members, refused, error = scan_members(str(bad))
+    assert [m.name for m in members] == [n for n, _ in sample_entries("k", 2)]
+    assert refused == []
+    assert error.startswith(f"{bad}: ") and phrase.format(at=at) in error
+
+
+def _tar_by_gnu_tar(tmp_path):
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    names = []
+    for name, payload in sample_entries("g", 3):
+        (tmp_path / name).write_bytes(payload)
+        names.append(name)
+    subprocess.run(["tar", "cf", str(tmp_path / "gnu.tar"), "-C", str(tmp_path), *names], check=True)
+    return tmp_path / "gnu.tar", names
+
+
+def _tar_by_webdataset(tmp_path):
+    with wds.TarWriter(str(tmp_path / "wds.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"w{i}", "jpg": b"j" * (100 * i + 1), "txt": "t"})
+    return tmp_path / "wds.tar", [f"w{i}.{ext}" for i in range(3) for ext in ("jpg", "txt")]
+
+
+def _header_then_zero_padding(tmp_path):
+    info = tarfile.TarInfo("a.jpg")
+    (tmp_path / "pad.tar").write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(700))
+    return tmp_path / "pad.tar", ["a.jpg"]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p: (write_tar(p / "py.tar", sample_entries("p", 2)), [n for n, _ in sample_entries("p", 2)]),
+        lambda p: (write_tar(p / "pax.tar", [("d/" + "n" * 120 + ".jpg", b"x")], fmt=tarfile.PAX_FORMAT),
+                   ["d/" + "n" * 120 + ".jpg"]),
+        _tar_by_gnu_tar,
+        _tar_by_webdataset,
+        _header_then_zero_padding,
+    ],
+    ids=["tarfile", "tarfile pax long name", "gnu tar", "webdataset TarWriter", "header then zero padding"],
+)
+def test_scan_accepts_well_formed_archive_ends(tmp_path, build):
+    path, names = build(tmp_path)
+    members, refused, error = scan_members(str(path))
+    assert error is None and refused == []
+    assert [m.name for m in members] == names
 
 
 def test_group_flags_duplicates_missing_images_and_unsafe_names():
