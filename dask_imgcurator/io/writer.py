@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ def to_webdataset(
     rekey : bool
         Rename samples ``{shard:05d}{index:0Nd}``; the old key is kept in column ``source_key``.
     overwrite : bool
-        Replace the output of a different earlier run instead of refusing.
+        Replace the output of a different earlier run instead of refusing: only the files such a
+        run writes are removed, and a directory holding anything else is still refused.
     progress : bool
         Show progress bars.
 
@@ -158,9 +160,12 @@ def to_webdataset(
     Raises
     ------
     OutputExistsError
-        ``out_dir`` holds a different run and ``overwrite`` is False.
+        ``out_dir`` holds a different run and ``overwrite`` is False, or holds files that this
+        tool did not write (whatever ``overwrite`` says: only an earlier run's output is replaced).
     ValueError
-        A row has an unsafe member name (absolute, ``..``) or no members at all.
+        ``samples_per_shard`` is below 1 (checked before anything is written), a row has an unsafe
+        member name (absolute, ``..``) or no members at all, or two samples of one output shard
+        share a key without ``rekey``.
 
     Examples
     --------
@@ -171,6 +176,7 @@ def to_webdataset(
     >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
     4
     """
+    _check_samples_per_shard(samples_per_shard)
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
     finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
@@ -233,6 +239,7 @@ def write_shards(
     the rows to write per part where known (``StagedParts.counts``); parts without one are counted
     by tasks that read their files.
     """
+    _check_samples_per_shard(samples_per_shard)
     plan = _ShardPlan(parts, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
     counts = list(counts) if counts is not None else [None] * len(parts)
     if len(counts) != len(parts):
@@ -269,6 +276,7 @@ def stage_and_write(
     -------
     (StagedParts, WriteResult)
     """
+    _check_samples_per_shard(samples_per_shard)  # before any partition is computed
     client = active_client()
     if client is None:
         staged = stage_partitions(ddf, staging_dir, summarise=summarise, progress=progress)
@@ -368,8 +376,7 @@ class _ShardPlan:
     """
 
     def __init__(self, parts: Sequence[str], out_dir: str, samples_per_shard: int, *, rekey: bool, only_kept: bool):
-        if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+        _check_samples_per_shard(samples_per_shard)
         fs, root = url_to_fs(out_dir)
         fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
         _remove_temporaries(fs, root)
@@ -403,7 +410,7 @@ class _ShardPlan:
                 self.skipped += 1
                 continue
             job = [(self._parts[p], start, stop) for p, start, stop in planner.shards[j]]
-            key_prefix = name[-5:] if self._rekey else None
+            key_prefix = name if self._rekey else None
             key = f"write-shard-{name}-{tokenize(job, self._out_dir, self._rekey, self._call)}"
             tasks.append((j, write(job, full_url(self._fs, self._root), name, key_prefix, self._index_width,
                                    self._only_kept, dask_key_name=key)))
@@ -435,9 +442,13 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
     """Make ``out_dir`` ours for the run identified by ``fingerprint``.
 
     Returns the finished manifest when this same run already completed there, else None after
-    leaving a run marker. An output dir holding another run, or foreign files, is refused unless
-    ``overwrite`` (then it is emptied).
+    leaving a run marker. An output dir holding another run is refused unless ``overwrite`` (then
+    that run's files are removed); one holding files that this tool did not write is always
+    refused, naming a few of them. ``params["samples_per_shard"]``, where given, is checked first,
+    so that a bad value claims nothing.
     """
+    if "samples_per_shard" in params:
+        _check_samples_per_shard(params["samples_per_shard"])
     fs, root = url_to_fs(out_dir)
     manifest = _read_json(fs, posixpath.join(root, MANIFEST))
     marker = posixpath.join(root, RUN_MARKER)
@@ -445,19 +456,50 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
     if previous is not None and previous.get("fingerprint") == fingerprint:
         return manifest
     if fs.exists(root) and fs.ls(root):
-        if not overwrite:
-            what = "the output of a different run" if previous else "files that this tool did not write"
+        foreign = _foreign_files(fs, root, previous is not None)
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OutputExistsError(
-                f"{out_dir} already holds {what}; choose another output directory or pass "
-                "overwrite=True (--overwrite) to replace it"
+                f"{out_dir} holds files that this tool did not write ({listed}); choose another output "
+                "directory (overwrite=True (--overwrite) only replaces the output of an earlier run)"
             )
-        fs.rm(root, recursive=True)
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out_dir} already holds the output of a different run; choose another output directory "
+                "or pass overwrite=True (--overwrite) to replace it"
+            )
+        fs.rm(fs.ls(root, detail=False), recursive=True)
     try:
         fs.makedirs(root, exist_ok=True)
         _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
     except OSError as exc:
         raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
     return None
+
+
+#: Paths (relative to an output dir) of what :func:`to_webdataset` and ``write_curated`` write
+#: there: the run's bookkeeping, ``NNNNN.{tar,parquet,idx}`` shards (under ``shards/`` for a
+#: curation run), staged parts, the summary and the report.
+_OUR_PATHS = re.compile(
+    r"(shards/)?(\d{5,}\.(tar|parquet|idx)|manifest\.json|_run\.json|_progress(/\d{5,}\.json)?)"
+    r"|(metadata|_staging)(/part-\d{5,}\.parquet)?|shards|summary\.json|report\.html"
+)
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
+
+
+def _foreign_files(fs, root: str, has_run: bool) -> list[str]:
+    """Paths under ``root`` (relative, sorted) that no run of this tool wrote; all of them without a run record."""
+    found = sorted(posixpath.relpath(posixpath.normpath(p), posixpath.normpath(root))
+                   for p in fs.find(root, withdirs=True))
+    found = [p for p in found if p != "."]
+    if not has_run:  # even names like ours (input shards called 00000.tar) are not a run's output
+        return found
+    return [p for p in found if not _OUR_PATHS.fullmatch(_TEMPORARY.sub("", p))]
+
+
+def _check_samples_per_shard(samples_per_shard: int) -> None:
+    if not isinstance(samples_per_shard, (int, np.integer)) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a whole number of at least 1, got {samples_per_shard!r}")
 
 
 def finish_output(out_dir: str, fingerprint: str, manifest: dict) -> None:
@@ -589,8 +631,8 @@ def _stage_part(df, path: str, summarise=None) -> dict:
     """Validate one computed partition and save it atomically as Parquet; return its counts."""
     table = to_arrow(df)
     to_write = table.filter(pa.compute.fill_null(table.column("kept"), False)) if "kept" in table.column_names else table
-    for key, members in zip(to_write.column("key").to_pylist(), to_write.column("members").to_pylist()):
-        _check_members(key, members)
+    for key, shard, members in zip(*(to_write.column(c).to_pylist() for c in ("key", "shard", "members"))):
+        _check_members(key, shard, members)
     fs, local = url_to_fs(path)
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=STAGE_ROW_GROUP)
@@ -598,17 +640,16 @@ def _stage_part(df, path: str, summarise=None) -> dict:
     return {"rows": table.num_rows, "kept": to_write.num_rows, "summary": summarise(table) if summarise else None}
 
 
-def _check_members(key: str, members_json: str | None) -> None:
+def _check_members(key: str, shard: str, members_json: str | None) -> None:
     members = json.loads(members_json) if members_json else []
     if not members:
-        raise ValueError(
-            f"sample {key!r} has no members to write (it is an error row from reading); "
-            "filter such rows out first, e.g. ddf[ddf.error.isna()]"
-        )
+        what = f"the error row of shard {shard} (the shard could not be read)" if not key else \
+            f"sample {key!r} of {shard} (an error row from reading)"
+        raise ValueError(f"{what} has no members to write; filter such rows out first, e.g. ddf[ddf.error.isna()]")
     for name, _, _ in members:
         reason = unsafe_member_reason(name)
         if reason:
-            raise ValueError(f"refusing to write sample {key!r}: {reason}")
+            raise ValueError(f"refusing to write sample {key!r} of {shard}: {reason}")
 
 
 def _write_shard(
@@ -620,9 +661,9 @@ def _write_shard(
     only_kept: bool,
 ) -> dict:
     """Write one output shard (tar + parquet + idx) from row slices of staged parts."""
-    rows = pa.concat_tables([_read_slice(p, a, b, only_kept) for p, a, b in slices]).to_pandas(
-        types_mapper=arrow_types_mapper
-    )
+    # parts may type a column differently (all-null in one, strings in another): promote to one schema
+    tables = [_read_slice(p, a, b, only_kept) for p, a, b in slices]
+    rows = pa.concat_tables(tables, promote_options="default").to_pandas(types_mapper=arrow_types_mapper)
     fs, root = url_to_fs(root_url)
     base = posixpath.join(root, name)
     tar_tmp = f"{base}.tar.tmp-{uuid.uuid4().hex[:12]}"
@@ -637,7 +678,10 @@ def _write_shard(
     try:
         write_dali_index([members for _, members in layout], idx)
     except ValueError as exc:
-        raise ValueError(f"{exc}; pass rekey=True (--rekey) to give members plain names") from None
+        raise ValueError(
+            f"{exc}; pass rekey=True (--rekey) to give members plain names, with overwrite=True (--overwrite) "
+            "to replace what this attempt wrote"
+        ) from None
     record = {
         "shard": f"{name}.tar",
         "samples": len(out),
@@ -703,17 +747,26 @@ def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: i
     """
     layout: list[tuple[str, list[Member]]] = []
     sources: dict[str, object] = {}
+    seen: dict[str, str] = {}  # key -> its source shard, without rekey
     try:
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for i, (key, shard, members_json) in enumerate(zip(rows["key"], rows["shard"], rows["members"])):
                 new_key = f"{key_prefix}{i:0{index_width}d}" if key_prefix is not None else key
+                if key_prefix is None:
+                    if key in seen:  # readers refuse a tar with two samples of one key
+                        raise ValueError(
+                            f"two samples with key {key!r} would go into one output shard (from {seen[key]} and "
+                            f"{shard}); pass rekey=True (--rekey) to give samples new keys, with overwrite=True "
+                            "(--overwrite) to replace what this attempt wrote"
+                        )
+                    seen[key] = shard
                 if shard not in sources:
                     sources[shard] = open_shard(shard)
                 written: list[Member] = []
                 for name, offset, size in json.loads(members_json):
                     reason = unsafe_member_reason(name)
                     if reason:
-                        raise ValueError(f"refusing to write sample {key!r}: {reason}")
+                        raise ValueError(f"refusing to write sample {key!r} of {shard}: {reason}")
                     out_name = f"{new_key}.{split_key(name)[1]}" if key_prefix is not None else name
                     info = tarfile.TarInfo(out_name)
                     info.size, info.mtime, info.mode = size, 0, 0o644
@@ -748,7 +801,9 @@ def _relocate(rows: pd.DataFrame, layout, tar_url: str, rekeyed: bool) -> pd.Dat
     image_names = []
     image_offsets = []
     for old_image, old_members, members in zip(rows["image_member"], rows["members"], new_members):
-        position = next((n for n, m in enumerate(json.loads(old_members)) if m[0] == old_image), None)
+        position = None if pd.isna(old_image) else next(
+            (n for n, m in enumerate(json.loads(old_members)) if m[0] == old_image), None
+        )
         image_names.append(members[position].name if position is not None else None)
         image_offsets.append(members[position].offset if position is not None else None)
     out["shard"] = pd.array([tar_url] * len(out), dtype=pd.StringDtype("pyarrow"))

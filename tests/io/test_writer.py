@@ -196,7 +196,8 @@ def test_refuses_a_different_run_unless_overwrite(shard_dir, tmp_path):
 def test_unsafe_member_names_are_never_written(tmp_path):
     write_tar(tmp_path / "in.tar", sample_entries("ok", 2) + [("../evil.jpg", jpeg_bytes(1))])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
-    with pytest.raises(ValueError, match=r"refusing to write sample '../evil': member name '../evil.jpg' contains '..'"):
+    with pytest.raises(ValueError, match=r"refusing to write sample '../evil' of \S*/in.tar: member name '../evil.jpg' "
+                       r"contains '..'"):
         ic.to_webdataset(ddf, str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.tar"))
     ic.to_webdataset(ddf[ddf.error.isna()], str(tmp_path / "out2"))
@@ -206,8 +207,31 @@ def test_unsafe_member_names_are_never_written(tmp_path):
 def test_error_rows_without_members_are_refused_with_advice(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
     ddf = ic.read_webdataset(str(tmp_path / "junk.tar"))
-    with pytest.raises(ValueError, match=r"no members to write .* ddf\[ddf.error.isna\(\)\]"):
+    with pytest.raises(ValueError, match=r"the error row of shard \S*/junk.tar .* no members to write.* "
+                                         r"ddf\[ddf.error.isna\(\)\]"):
         ic.to_webdataset(ddf, str(tmp_path / "out"))
+
+
+def _without_members(df):
+    return df.assign(members=df["members"].where(df["key"] != "ok0001", "[]"))
+
+
+def test_a_sample_without_members_is_refused_naming_it_and_its_shard(tmp_path):
+    write_tar(tmp_path / "in.tar", sample_entries("ok", 2))
+    ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
+    with pytest.raises(ValueError, match=r"sample 'ok0001' of \S*/in.tar .*no members to write"):
+        ic.to_webdataset(ddf.map_partitions(_without_members, meta=ddf._meta), str(tmp_path / "out"))
+
+
+def test_a_sample_without_an_image_is_written_with_its_other_members(tmp_path):
+    write_tar(tmp_path / "in.tar", [("a.txt", b"caption only"), ("b.jpg", jpeg_bytes(1)), ("b.txt", b"b")])
+    ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
+    assert ddf.compute()["image_member"].isna().tolist() == [True, False]
+    assert ic.to_webdataset(ddf, str(tmp_path / "out")).samples == 2
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
+    assert [(s["__key__"], s["txt"]) for s in samples] == [("a", b"caption only"), ("b", b"b")]
+    meta = pd.read_parquet(tmp_path / "out" / "00000.parquet")
+    assert meta["image_member"].isna().tolist() == meta["image_offset"].isna().tolist() == [True, False]
 
 
 def test_memory_filesystem_output():
@@ -262,10 +286,12 @@ def test_each_staging_task_carries_only_its_own_path(shard_dir, tmp_path, monkey
 def test_member_names_with_spaces_need_rekey_for_the_dali_index(tmp_path):
     write_tar(tmp_path / "in.tar", [("a b.jpg", jpeg_bytes(1)), ("a b.txt", b"caption")])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
-    with pytest.raises(ValueError, match=r"white space; .* pass rekey=True \(--rekey\)"):
+    with pytest.raises(ValueError, match=r"white space; .* rekey=True \(--rekey\).* overwrite=True \(--overwrite\)"):
         ic.to_webdataset(ddf, str(tmp_path / "out"))
-    result = ic.to_webdataset(ddf, str(tmp_path / "out2"), rekey=True)
-    sample = next(iter(wds.WebDataset(str(tmp_path / "out2" / "00000.tar"), shardshuffle=False)))
+    with pytest.raises(ic.OutputExistsError, match="different run"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"), rekey=True)
+    result = ic.to_webdataset(ddf, str(tmp_path / "out"), rekey=True, overwrite=True)  # as the message says
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False)))
     assert sample["__key__"] == "000000000" and sample["jpg"] == jpeg_bytes(1) and result.samples == 1
 
 
@@ -458,3 +484,115 @@ def test_a_streamed_write_gives_its_output_bar_a_total_once_every_part_is_counte
     assert len(result.shards) == 3
     assert (bars["input shards"].total, bars["input shards"].n) == (3, 3)
     assert (bars["output shards"].total, bars["output shards"].n) == (3, 3)
+
+
+def test_overwrite_replaces_only_a_previous_runs_output(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ic.OutputExistsError, match=r"did not write \(extra, notes.txt\)"):
+        ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    # a curation run (interrupted: staged parts, temporaries, a report) is replaced as a whole
+    curated = tmp_path / "curated"
+    marked = ic.mark_kept(ic.read_webdataset(str(shard_dir)))
+    ic.write_curated(marked, str(curated), samples_per_shard=4)
+    (curated / "report.html").write_text("<html/>")
+    (curated / "manifest.json").rename(curated / "_run.json")  # as if stopped before the end
+    (curated / "shards" / "00009.tar.tmp-0123456789ab").write_bytes(b"")
+    summary = ic.write_curated(marked, str(curated), samples_per_shard=5, overwrite=True)
+    assert summary.shards == 3 and summary.parts_skipped == 0
+    assert sorted(p.name for p in (curated / "shards").iterdir()) == sorted(
+        [f"{i:05d}.{e}" for i in range(3) for e in ("tar", "parquet", "idx")] + ["manifest.json"]
+    )
+    assert not (curated / "report.html").exists()
+
+
+def test_overwrite_never_deletes_input_shards_in_the_output_dir(tmp_path):
+    """``imgcurator reshard 'D/*.tar' --out D --overwrite`` deleted the inputs, then failed."""
+    from dask_imgcurator.cli import main
+
+    for s in range(2):
+        write_tar(tmp_path / f"s-{s:05d}.tar", sample_entries(f"s{s}-", 3))
+    (tmp_path / "precious.txt").write_text("x")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    ddf = ic.mark_kept(ic.read_webdataset(str(tmp_path / "*.tar")))
+    with pytest.raises(ic.OutputExistsError, match=r"did not write \(precious.txt, s-00000.tar, s-00001.tar\)"):
+        ic.write_curated(ddf, str(tmp_path), samples_per_shard=2, overwrite=True)
+    assert main(["reshard", str(tmp_path / "*.tar"), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # names like an output's are not enough: without a run's record nothing is ours
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_tar(inputs / "00000.tar", sample_entries("x", 2))
+    with pytest.raises(ic.OutputExistsError, match=r"did not write \(00000.tar\)"):
+        ic.to_webdataset(ic.read_webdataset(str(inputs)), str(inputs), overwrite=True)
+    assert [p.name for p in inputs.iterdir()] == ["00000.tar"]
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_a_bad_samples_per_shard_is_refused_before_anything_is_written(shard_dir, tmp_path, bad):
+    ddf = kept_frame(shard_dir)
+    with pytest.raises(ValueError, match=f"samples_per_shard must be .* at least 1, got {bad}"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"), samples_per_shard=bad)
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        ic.write_curated(ic.mark_kept(ddf), str(tmp_path / "curated"), samples_per_shard=bad)
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        writer_module.stage_and_write(ddf, str(tmp_path / "staged"), str(tmp_path / "shards"), bad)
+    assert list(tmp_path.iterdir()) == [shard_dir]  # nothing claimed, staged or computed
+    assert ic.to_webdataset(ddf, str(tmp_path / "out"), samples_per_shard=3).samples == 7  # the fixed re-run
+
+
+def test_rekeyed_keys_stay_unique_past_shard_99999(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "in.tar", [("a.jpg", jpeg_bytes(1))])
+    row = ic.read_webdataset(str(tmp_path / "in.tar")).compute().iloc[0]
+    n = 100_001
+    part = str(tmp_path / "part.parquet")
+    table = pa.table({c: pa.array([row[c]] * n) for c in ("shard", "image_member", "members")})
+    pq.write_table(table.append_column("key", pa.array([f"k{i}" for i in range(n)])), part,
+                   row_group_size=writer_module.STAGE_ROW_GROUP)
+    out = tmp_path / "out"
+    plan = writer_module._ShardPlan([part], str(out), 1, rekey=True, only_kept=False)
+    plan._completed = {writer_module.shard_name(j): {} for j in range(1, 100_000)}  # only write shards 0 and 100000
+    tasks = plan.settle([n])
+    assert [j for j, _ in tasks] == [0, 100_000]
+    dask.compute(*[t for _, t in tasks])
+    keys = [next(iter(wds.WebDataset(str(out / f"{name}.tar"), shardshuffle=False)))["__key__"]
+            for name in ("00000", "100000")]
+    assert keys == ["000000", "1000000"]
+
+
+def _note_in_first_partition_only(df):
+    first = len(df) > 0 and df["key"].iloc[0].startswith("s0")
+    return df.assign(note=pd.Series(["hi" if first else None] * len(df), index=df.index, dtype=object))
+
+
+def test_a_column_null_in_one_partition_and_strings_in_another_is_written(tmp_path):
+    for s in range(2):
+        write_tar(tmp_path / f"s-{s:05d}.tar", sample_entries(f"s{s}-", 3, seed=s))
+    ddf = ic.read_webdataset(str(tmp_path / "s-*.tar"))
+    ddf = ddf.map_partitions(_note_in_first_partition_only, meta=ddf._meta.assign(note=pd.Series([], dtype=object)))
+    result = ic.to_webdataset(ddf, str(tmp_path / "out"), samples_per_shard=4)  # shard 0 takes rows of both
+    assert result.samples == 6
+    notes = pd.read_parquet(tmp_path / "out" / "00000.parquet")["note"].tolist()
+    assert notes[:3] == ["hi"] * 3 and pd.isna(notes[3])
+
+
+def test_duplicate_keys_in_one_output_shard_are_refused_without_rekey(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "a.tar", [("x.jpg", jpeg_bytes(1)), ("x.txt", b"from a")])
+    write_tar(tmp_path / "in" / "b.tar", [("x.jpg", jpeg_bytes(2)), ("x.txt", b"from b")])
+    ddf = ic.read_webdataset(str(tmp_path / "in"))
+    with pytest.raises(ValueError, match=r"key 'x' .*from \S*/a.tar and \S*/b.tar.* rekey=True \(--rekey\)"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "00000.tar").exists()
+    ic.to_webdataset(ddf, str(tmp_path / "out"), rekey=True, overwrite=True)
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
+    assert [(s["__key__"], s["txt"]) for s in samples] == [("000000000", b"from a"), ("000000001", b"from b")]
+    assert ic.to_webdataset(ddf, str(tmp_path / "apart"), samples_per_shard=1).samples == 2  # one per shard is fine
