@@ -30,6 +30,7 @@ from dask_imgcurator.progress import run_tasks
 
 #: Exceptions whose message is meant for the user: printed without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
     FileNotFoundError,
     FileExistsError,
     PermissionError,
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _print_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def _stop_on_sigterm():
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("models", help="list available models, or download them into a model dir")
+    p.set_defaults(run=functools.partial(_print_usage, p))  # no ACTION: this command's usage, not the top's
     models_sub = p.add_subparsers(metavar="ACTION")
     q = models_sub.add_parser("list", help="show known CLIP models and heads and where they are present")
     q.add_argument("--model-dir", help="model directory to look in (besides the cache)")
@@ -220,11 +227,19 @@ def _maybe_client(address: str | None):
     if not address:
         yield None
         return
-    from distributed import Client
-
-    with Client(address) as client:
+    with _connect(address) as client:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+def _connect(address: str):
+    """A client of the scheduler at ``address``; a scheduler that cannot be reached is a user error."""
+    from distributed import Client
+
+    try:
+        return Client(address)
+    except OSError as exc:  # distributed raises OSError("Timed out trying to connect ...")
+        raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
 
 
 #: CLI option -> slurm_cluster() keyword.
@@ -251,7 +266,7 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
         if opt("cluster_config"):
             stack.enter_context(config.use_config_file(opt("cluster_config")))
         if opt("scheduler"):
-            client = stack.enter_context(Client(opt("scheduler")))
+            client = stack.enter_context(_connect(opt("scheduler")))
         else:
             from dask_imgcurator.cluster import make_cluster
 
@@ -361,26 +376,52 @@ def cmd_report(args: argparse.Namespace) -> int:
 DEMO_FILTER = "aesthetic_score >= 5.078 and nsfw_score < 0.5102"
 
 
+#: The demo's parameters, next to its input shards.
+DEMO_RECORD = "demo.json"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dask_imgcurator.demo_data import make_demo_shards
     from dask_imgcurator.models import make_tiny_model_dir
 
     root = args.out.rstrip("/")
+    _claim_demo_input(f"{root}/input", {"shards": args.shards, "samples": args.samples}, args.overwrite)
     print(f"generating {args.shards} demo shards of {args.samples} photo-like images in {root}/input"
           " (plus two broken samples, to show how failures are reported) ...")
-    make_demo_shards(f"{root}/input", n_shards=args.shards, samples_per_shard=args.samples, broken=True)
+    shards = make_demo_shards(f"{root}/input", n_shards=args.shards, samples_per_shard=args.samples, broken=True)
     ref = make_tiny_model_dir(f"{root}/models")
     print(f"tiny random-weight CLIP model and heads written to {root}/models (loaded like real weights)")
     print("NOTE: demo scores come from RANDOM weights and mean nothing; for real scores run\n"
           "      imgcurator curate SHARDS --out DIR --model ViT-L-14/openai")
     curate_args = argparse.Namespace(
-        shards=[f"{root}/input"], out=f"{root}/curated", filter=[DEMO_FILTER], heads="aesthetic,nsfw",
+        shards=shards, out=f"{root}/curated", filter=[DEMO_FILTER], heads="aesthetic,nsfw",
         samples_per_shard=max(1, args.shards * args.samples // 3), batch_size=None, precision="fp32",
         decoder="auto", max_pixels=DEFAULT_MAX_PIXELS, draft=True, rekey=False, overwrite=args.overwrite,
         scheduler=None, workers=args.workers, report=True,
     )
     print(f"curating with filter: {DEMO_FILTER}")
     return _curate(curate_args, ref)
+
+
+def _claim_demo_input(folder: str, params: dict, overwrite: bool) -> None:
+    """Check that ``folder`` holds no demo input of other parameters (unless ``overwrite``: then
+    its demo shards are removed), and record ``params`` there.
+
+    Without this a demo of other sizes rewrote the input of an earlier demo's curated run before
+    that run's output refused it, and a smaller demo also read the earlier demo's extra shards.
+    """
+    fs, path = url_to_fs(folder)
+    record = posixpath.join(path, DEMO_RECORD)
+    previous = json.loads(fs.cat_file(record)) if fs.exists(record) else None
+    if previous is not None and previous != params:
+        if not overwrite:
+            raise OutputExistsError(
+                f"{folder} holds a demo of {previous['shards']} shards x {previous['samples']} samples; pass "
+                f"--overwrite to replace it with {params['shards']} x {params['samples']}, or choose another --out"
+            )
+        fs.rm(fs.glob(posixpath.join(path, "demo-*.tar")))
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(record, json.dumps(params).encode())
 
 
 # ----------------------------------------------------------------------------- models

@@ -85,7 +85,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     ``jobqueue:``) are returned as they are.
     """
     with open(path) as f:
-        loaded = yaml.safe_load(f) or {}
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(loaded, dict) or NAMESPACE not in loaded:
         raise ValueError(f"{path}: expected a mapping with a top-level '{NAMESPACE}:' key (see {DEFAULTS_FILE})")
     ours = loaded[NAMESPACE] or {}

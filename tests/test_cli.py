@@ -1,5 +1,6 @@
 import json
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -161,6 +162,45 @@ def test_demo_runs_offline_and_says_scores_are_random(tmp_path, capsys):
     summary = json.loads((tmp_path / "demo" / "curated" / "summary.json").read_text())
     assert summary["samples_in"] == 18 and summary["balanced"]
     assert summary["failed"] == {"decode or model error": 1, "no image": 1} or sum(summary["failed"].values()) == 2
+
+
+def test_a_demo_of_other_sizes_refuses_before_touching_the_earlier_demo(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    assert main(["demo", "--out", str(demo), "--shards", "2", "--samples", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in (demo / "input").glob("*.tar")}
+    capsys.readouterr()
+    assert main(["demo", "--out", str(demo), "--shards", "1", "--samples", "5"]) == 2
+    assert "holds a demo of 2 shards x 4 samples; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (demo / "input").glob("*.tar")} == before
+    # replaced with --overwrite: the second, stale shard is neither kept nor read
+    assert main(["demo", "--out", str(demo), "--shards", "1", "--samples", "5", "--overwrite"]) == 0
+    assert sorted(p.name for p in (demo / "input").glob("*.tar")) == ["demo-00000.tar"]
+    assert json.loads((demo / "curated" / "summary.json").read_text())["samples_in"] == 5 + 2
+
+
+def test_a_malformed_cluster_config_is_one_line(demo_input, tmp_path, capsys):
+    root, ref = demo_input
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("imgcurator:\n  local: [unclosed\n")
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--offline", "--cluster-config", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: not valid YAML" in err and "Traceback" not in err
+
+
+def test_an_unreachable_scheduler_is_one_line(demo_input, capsys):
+    root, _ = demo_input
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["inspect", str(root / "in"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot reach the dask scheduler at tcp://127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_models_without_an_action_shows_its_own_usage(capsys):
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: imgcurator models" in err and "download" in err
 
 
 def test_models_list_shows_the_tiny_model(demo_input, capsys):

@@ -443,8 +443,9 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
 
     Returns the finished manifest when this same run already completed there, else None after
     leaving a run marker. An output dir holding another run is refused unless ``overwrite`` (then
-    that run's files are removed); one holding files that this tool did not write is always
-    refused, naming a few of them. ``params["samples_per_shard"]``, where given, is checked first,
+    that run's files are removed), or unless that run wrote nothing but its marker (it failed
+    before its first part, e.g. on a wrong model name); one holding files that this tool did not
+    write is always refused, naming a few of them. ``params["samples_per_shard"]``, where given, is checked first,
     so that a bad value claims nothing.
     """
     if "samples_per_shard" in params:
@@ -463,7 +464,7 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
                 f"{out_dir} holds files that this tool did not write ({listed}); choose another output "
                 "directory (overwrite=True (--overwrite) only replaces the output of an earlier run)"
             )
-        if not overwrite:
+        if not overwrite and (manifest is not None or _holds_work(fs, root)):
             raise OutputExistsError(
                 f"{out_dir} already holds the output of a different run; choose another output directory "
                 "or pass overwrite=True (--overwrite) to replace it"
@@ -495,6 +496,12 @@ def _foreign_files(fs, root: str, has_run: bool) -> list[str]:
     if not has_run:  # even names like ours (input shards called 00000.tar) are not a run's output
         return found
     return [p for p in found if not _OUR_PATHS.fullmatch(_TEMPORARY.sub("", p))]
+
+
+def _holds_work(fs, root: str) -> bool:
+    """Whether an unfinished run in ``root`` left anything but its marker and empty folders."""
+    files = (posixpath.relpath(posixpath.normpath(p), posixpath.normpath(root)) for p in fs.find(root))
+    return any(f != RUN_MARKER and not _TEMPORARY.search(f) for f in files)
 
 
 def _check_samples_per_shard(samples_per_shard: int) -> None:

@@ -596,3 +596,19 @@ def test_duplicate_keys_in_one_output_shard_are_refused_without_rekey(tmp_path):
     samples = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
     assert [(s["__key__"], s["txt"]) for s in samples] == [("000000000", b"from a"), ("000000001", b"from b")]
     assert ic.to_webdataset(ddf, str(tmp_path / "apart"), samples_per_shard=1).samples == 2  # one per shard is fine
+
+
+def test_a_run_that_failed_before_writing_anything_does_not_lock_its_output_dir(shard_dir, tmp_path):
+    """A run that died before its first part (say, a mistyped model) left only its marker: the
+    corrected command must not be refused as 'a different run'."""
+    out = tmp_path / "out"
+    marked = ic.mark_kept(ic.read_webdataset(str(shard_dir)))
+    from dask_imgcurator.io.writer import claim_output
+
+    assert claim_output(str(out), "an-earlier-attempt", {"samples_per_shard": 4}) is None
+    (out / "metadata").mkdir()  # an empty staging folder, as a failed curate leaves
+    summary = ic.write_curated(marked, str(out), samples_per_shard=4)
+    assert summary.balanced and summary.written > 0
+    # once a run has written something, a different one is refused without overwrite
+    with pytest.raises(ic.OutputExistsError, match="different run"):
+        ic.write_curated(marked, str(out), samples_per_shard=5)
