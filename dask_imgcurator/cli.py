@@ -61,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts (workers, threads, batch size, ...): 0 or less is a usage error, not "default"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _print_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="copy samples into new shards of exactly N samples")
     _add_shards(p)
     p.add_argument("--out", required=True, help="output directory or fsspec URL")
-    p.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10_000, metavar="N")
     p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
     _add_scheduler(p)
@@ -116,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated shards with a tiny random model")
     p.add_argument("--out", default="imgcurator-demo", help="directory for the demo (default: ./imgcurator-demo)")
-    p.add_argument("--shards", type=int, default=4, help="number of demo shards (default 4)")
-    p.add_argument("--samples", type=int, default=32, help="samples per demo shard (default 32)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--shards", type=_positive_int, default=4, help="number of demo shards (default 4)")
+    p.add_argument("--samples", type=_positive_int, default=32, help="samples per demo shard (default 32)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.set_defaults(run=cmd_demo)
 
@@ -166,8 +177,8 @@ def _add_curate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", help="prepared model directory (see `imgcurator models download`)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated score heads (default aesthetic,nsfw)")
-    p.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N")
-    p.add_argument("--batch-size", type=int, metavar="N", help="images per model batch (default 32 CPU, 256 GPU)")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10_000, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per model batch (default 32 CPU, 256 GPU)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--decoder", choices=("auto", "dali", "pillow"), default="auto")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (bomb guard)")
@@ -195,8 +206,8 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
              "processes; cuda = one worker per GPU (dask-cuda); slurm = workers in SLURM jobs (dask-jobqueue)",
     )
     where.add_argument("--scheduler", metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
-    g.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: one per core where memory allows, at most one per input shard; or one per GPU)")
-    g.add_argument("--torch-threads", type=int, metavar="N", help="torch threads per worker (default: its share of the cores)")
+    g.add_argument("--workers", type=_positive_int, metavar="N", help="local worker processes (default: one per core where memory allows, at most one per input shard; or one per GPU)")
+    g.add_argument("--torch-threads", type=_positive_int, metavar="N", help="torch threads per worker (default: its share of the cores)")
     g.add_argument(
         "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT",
         help="serve the dask dashboard at this address (e.g. :8787; the link is always printed)",
@@ -205,9 +216,9 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("SLURM (with --cluster slurm)")
     s.add_argument("--slurm-queue", metavar="PARTITION", help="partition (#SBATCH -p)")
     s.add_argument("--slurm-account", metavar="ACCOUNT", help="#SBATCH -A")
-    s.add_argument("--slurm-jobs", type=int, metavar="N", help="jobs to submit (default 1)")
+    s.add_argument("--slurm-jobs", type=_positive_int, metavar="N", help="jobs to submit (default 1)")
     s.add_argument("--slurm-adapt", metavar="MIN:MAX", help="adapt the number of jobs to the work instead")
-    s.add_argument("--slurm-cores", type=int, metavar="N", help="CPUs per job (default 8)")
+    s.add_argument("--slurm-cores", type=_positive_int, metavar="N", help="CPUs per job (default 8)")
     s.add_argument("--slurm-memory", metavar="SIZE", help="memory per job (default 32GiB)")
     s.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job (--gres=gpu:N), one worker each")
     s.add_argument("--slurm-walltime", metavar="HH:MM:SS", help="job time limit (default 01:00:00)")

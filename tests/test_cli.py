@@ -242,3 +242,11 @@ def test_curate_on_the_cuda_cluster_matches_the_cpu_cluster(demo_input, tmp_path
     assert gpu["kept"].tolist() == cpu["kept"].tolist()  # no filter: every readable sample
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("a", "b")]
     assert summaries[0]["samples_in"] == summaries[1]["samples_in"] == 20 and summaries[1]["balanced"]
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--workers", "--torch-threads", "--samples-per-shard"])
+def test_counts_of_zero_are_usage_errors_not_defaults(option, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["curate", "IN", "--out", "OUT", option, "0"])
+    assert stop.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
