@@ -72,6 +72,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block is done, then stop as they would have.
+
+    A cluster interrupted halfway through its start is left to distributed's exit handler, which
+    fails on it with a traceback; once started, the cluster closes cleanly on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, frame):
+        if not received:
+            print("\nstopping once the cluster has started ...", file=sys.stderr)
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _print_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -282,8 +309,9 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
             from dask_imgcurator.cluster import make_cluster
 
             kind = config.get("cluster.kind", opt("cluster"))
-            cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind, partitions)))
-            client = stack.enter_context(Client(cluster))
+            with _interrupts_deferred():
+                cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind, partitions)))
+                client = stack.enter_context(Client(cluster))
             if kind == "slurm":
                 # No wait_for_workers here: an adaptive cluster starts jobs only once there is work.
                 print(f"SLURM cluster started; the work begins when its jobs ({cluster.job_name}) are running",

@@ -250,3 +250,27 @@ def test_counts_of_zero_are_usage_errors_not_defaults(option, capsys):
         main(["curate", "IN", "--out", "OUT", option, "0"])
     assert stop.value.code == 2
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_stop_while_the_local_cluster_starts_is_clean(tmp_path):
+    """SIGTERM (or Ctrl-C) during the cluster's start left a half-built cluster to distributed's exit
+    handler, which printed a traceback; the stop now waits for the start and ends like any other."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_imgcurator.cli", "demo", "--out", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in proc.stdout:
+        if line.startswith("curating with filter"):  # the cluster starts right after this line
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: completed work is kept" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
