@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import posixpath
 import signal
@@ -24,7 +25,7 @@ from dask_imgcurator.io.shards import (
     scan_members,
     write_dali_index,
 )
-from dask_imgcurator.io.writer import OutputExistsError
+from dask_imgcurator.io.writer import OutputExistsError, write_atomic
 from dask_imgcurator.pipeline import CurationSummary, mark_kept, write_curated
 from dask_imgcurator.progress import run_tasks
 
@@ -374,11 +375,11 @@ def _curate(args: argparse.Namespace, source) -> int:
     from dask_imgcurator.stages.embed import embed
     from dask_imgcurator.stages.filters import drop_reason, parse_filter
 
-    from dask_imgcurator.models.manage import check_offline_weights
+    from dask_imgcurator.models.manage import check_weights
 
     filt = parse_filter(" and ".join(f"({f})" for f in args.filter)) if args.filter else None
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    check_offline_weights(source, heads)
+    check_weights(source, heads)
     ddf = read_webdataset(_input_shards(args.shards, args.out))
     ddf = embed(
         ddf, source, heads=heads, batch_size=args.batch_size,
@@ -615,8 +616,9 @@ def _write_input_index(url: str, out_dir: str | None) -> str | None:
         fs, root = url_to_fs(out_dir)
         fs.makedirs(root, exist_ok=True)
         target = posixpath.join(root, _index_name(url))
-    with fs.open(target, "w") as f:
-        write_dali_index([s.members for s in samples], f)
+    index = io.StringIO()
+    write_dali_index([s.members for s in samples], index)
+    write_atomic(fs, target, index.getvalue().encode())
     return None
 
 

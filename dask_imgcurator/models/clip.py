@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import pickle
@@ -54,8 +55,40 @@ def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str =
 
 
 def _check_checkpoint(ref: ClipRef) -> None:
-    if ref.kind == "file" and not Path(str(ref.pretrained)).is_file():
-        raise WeightsNotFoundError(f"checkpoint file {ref.pretrained} for {ref.name} does not exist")
+    if ref.kind == "file":
+        check_known(ref)
+        if not Path(str(ref.pretrained)).is_file():
+            raise WeightsNotFoundError(f"checkpoint file {ref.pretrained} for {ref.name} does not exist")
+
+
+def check_known(ref: ClipRef) -> None:
+    """Raise ValueError when open_clip cannot build ``ref``: an unknown architecture or pretrained tag.
+
+    For kinds ``tag`` (call it only when no local copy exists: a model dir may hold tags that
+    open_clip does not know, such as ``random``) and ``file``; a no-op for the others. The
+    one-line message lists the architecture's tags, or near architecture names.
+    """
+    if ref.kind not in ("tag", "file"):
+        return
+    if open_clip.get_model_config(ref.name) is None:
+        names = {name.lower(): name for name in open_clip.list_models()}
+        near = [names[n] for n in difflib.get_close_matches(ref.name.lower(), names, n=4)]
+        problem = f"unknown open_clip architecture {ref.name!r} " + (
+            f"(near: {', '.join(near)})" if near else "(see open_clip.list_models())"
+        )
+    elif ref.kind == "tag" and not open_clip.get_pretrained_cfg(ref.name, str(ref.pretrained)):
+        tags = open_clip.list_pretrained_tags_by_model(ref.name)
+        problem = (
+            f"open_clip has no pretrained tag {ref.pretrained!r} for {ref.name} "
+            f"(its tags: {', '.join(tags) or 'none'})"
+        )
+    else:
+        return
+    if ref.kind == "tag":
+        where = " or ".join(str(path) for path in _candidates(ref))
+        raise ValueError(f"{ref}: {problem}, and there is no local copy at {where}")
+    relative = not os.path.isabs(os.path.expanduser(str(ref.pretrained)))
+    raise ValueError(f"{ref}: {problem}" + (f", and {str(ref)!r} is not an existing path" if relative else ""))
 
 
 def _load(ref: ClipRef, device: str | torch.device, precision: str) -> LoadedModel:
@@ -109,6 +142,7 @@ def clip_dir(ref: ClipRef) -> Path:
         raise WeightsNotFoundError.missing(
             what, [path], f"A model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}."
         )
+    check_known(ref)
     candidates = _candidates(ref)
     check_online(what, candidates, ref.offline)
     try:
@@ -207,6 +241,7 @@ def clip_info(ref: ClipRef) -> ModelInfo:
         config = _read_config(path) if path is not None else _hf_config(ref)
         cfg, pp = config["model_cfg"], config.get("preprocess_cfg", {})
     else:
+        check_known(ref)
         cfg = model_cfg(ref)
         pp = open_clip.get_pretrained_cfg(ref.name, str(ref.pretrained)) if ref.kind == "tag" else {}
     merged = merge_preprocess_dict(PreprocessCfg(), pp)

@@ -168,12 +168,16 @@ def head_weights(
     Looks for ``heads/<head>/<clip_name>.{safetensors,pth}`` in ``model_dir``, then the
     cache; downloads when the pair is in ``KNOWN_HEAD_WEIGHTS`` (unless offline).
     """
-    entry = KNOWN_HEAD_WEIGHTS.get((head, clip_name)) or WeightFile(
+    return resolve(head_entry(head, clip_name), model_dir, cache_dir, offline)
+
+
+def head_entry(head: str, clip_name: str) -> WeightFile:
+    """The ``WeightFile`` of ``head`` for ``clip_name``: known download sources, or none."""
+    return KNOWN_HEAD_WEIGHTS.get((head, clip_name)) or WeightFile(
         name=f"{head} head for {clip_name} (downloads known only for: "
         f"{', '.join(slug for h, slug in KNOWN_HEAD_WEIGHTS if h == head) or 'none'})",
         stem=f"heads/{head}/{clip_name}",
     )
-    return resolve(entry, model_dir, cache_dir, offline)
 
 
 def _build_head(cls: type[Head], in_dim: int, clip_name: str, **store: Any) -> Head:

@@ -12,9 +12,9 @@ from pathlib import Path
 import open_clip
 
 from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
-from .heads import head_weights
+from .heads import head_entry, head_weights
 from .ref import HF_HUB_PREFIX, HF_HUB_SLUG_PREFIX, LOCAL_DIR_PREFIX, ClipRef
-from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, search_roots
+from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, locate, search_roots
 
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_HEADS = ("aesthetic", "nsfw")
@@ -139,19 +139,34 @@ def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path, mode
         rows[kind, name] = dataclasses.replace(old, location=str(path), embed_dim=old.embed_dim or dim)
 
 
-def check_offline_weights(ref: ClipRef, heads: Sequence[str]) -> None:
-    """Fail now, on the client, when running offline and the weights of ``ref`` or its heads are missing.
+def check_weights(ref: ClipRef, heads: Sequence[str]) -> None:
+    """Fail now, on the client, when the weights of ``ref`` or its built-in heads cannot be had.
 
     Without this the error would only surface from inside the first worker task, after a cluster
-    started, wrapped in the scheduler's task-failure log. Nothing is downloaded here; online runs and
-    custom heads (built by their own factories) are left to the workers.
+    started, wrapped in the scheduler's task-failure log. Nothing is downloaded here: what is not
+    present locally must be downloadable (a pretrained tag open_clip knows, a head with a known
+    source) and downloads must be allowed. ``hf-hub:`` models online and custom heads (built by
+    their own factories) are left to the workers.
+
+    Parameters
+    ----------
+    ref : ClipRef
+        The CLIP model and where its weights are stored.
+    heads : sequence of str
+        Head names; only ``"aesthetic"`` and ``"nsfw"`` are checked.
+
+    Raises
+    ------
+    ValueError
+        Unknown open_clip architecture or pretrained tag, with no local copy.
+    WeightsNotFoundError
+        Weights missing locally that cannot (or may not) be downloaded.
     """
-    if not is_offline(ref.offline):
-        return
-    if ref.kind == "file":
-        clip_info(ref)  # raises when the checkpoint file is missing
-    else:
-        clip_dir(ref)
+    if is_offline(ref.offline) and ref.kind != "file":
+        clip_dir(ref)  # offline it only looks locally: raises when missing
+    elif ref.kind != "hf-hub":  # online, clip_info would fetch an hf-hub config
+        clip_info(ref)  # raises for a missing local dir or checkpoint, an unknown architecture or tag
     for head in heads:
         if head in DEFAULT_HEADS:
-            head_weights(head, ref.head_family, **ref.store_kwargs())
+            locate(head_entry(head, ref.head_family), **ref.store_kwargs())
+

@@ -63,6 +63,8 @@ class ClipRef:
         ``openai`` where open_clip has it), ``"ViT-L-14//data/ckpt.pt"`` (architecture/
         checkpoint path), ``"/data/ckpt.pt"`` (checkpoint for ``kw["name"]``, default
         ViT-L-14), ``"hf-hub:org/repo"``, ``"local-dir:/path"`` and ``"/path/to/dir"``.
+        Text naming an existing file or directory (``"models/clip/my-model"``, no ``./``
+        needed) is that path, except a bare architecture name such as ``"ViT-B-32"``.
 
         Parameters
         ----------
@@ -74,8 +76,8 @@ class ClipRef:
         text = text.strip()
         if text.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
             return cls(name=text, pretrained=None, **kw)
-        if text.startswith(_PATH_STARTS):
-            path = os.path.expanduser(text)
+        path = os.path.expanduser(text)
+        if text.startswith(_PATH_STARTS) or (os.path.exists(path) and text not in open_clip.list_models()):
             if path.endswith(CHECKPOINT_SUFFIXES):
                 return cls(**{"pretrained": path, **kw})
             return cls(name=LOCAL_DIR_PREFIX + path, pretrained=None, **kw)

@@ -195,14 +195,11 @@ def resolve(
     WeightsVerificationError
         A download has the wrong size or checksum (nothing is stored).
     """
-    roots = search_roots(model_dir, cache_dir)
-    found = find_weights(entry.stem, roots)
+    found = locate(entry, model_dir, cache_dir, offline)
     if found is not None:
         return found
-    looked = [root / (entry.stem + "{" + ",".join(WEIGHT_SUFFIXES) + "}") for root in roots]
-    if not entry.sources:
-        raise WeightsNotFoundError.missing(entry.name, looked, "No download source is known for it.")
-    check_online(entry.name, looked, offline)
+    roots = search_roots(model_dir, cache_dir)
+    looked = _looked(entry, roots)
     failures = []
     for source in entry.sources:
         dest = roots[-1] / (entry.stem + source.suffix)
@@ -214,6 +211,34 @@ def resolve(
         except Exception as err:  # any failure of one source: try the next, report all
             failures.append(f"  {source}: {type(err).__name__}: {err}")
     raise WeightsNotFoundError.missing(entry.name, looked, "Download failed:\n" + "\n".join(failures))
+
+
+def locate(
+    entry: WeightFile,
+    model_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+) -> Path | None:
+    """Local path of a weights file, or None when ``resolve`` would download it; never downloads.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        Not found locally and offline or without a source, as ``resolve`` raises it.
+    """
+    roots = search_roots(model_dir, cache_dir)
+    found = find_weights(entry.stem, roots)
+    if found is not None:
+        return found
+    looked = _looked(entry, roots)
+    if not entry.sources:
+        raise WeightsNotFoundError.missing(entry.name, looked, "No download source is known for it.")
+    check_online(entry.name, looked, offline)
+    return None
+
+
+def _looked(entry: WeightFile, roots: list[Path]) -> list[Path]:
+    return [root / (entry.stem + "{" + ",".join(WEIGHT_SUFFIXES) + "}") for root in roots]
 
 
 def check_online(what: str, looked: list[Path], offline: bool | None) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -8,7 +9,7 @@ import torch
 
 from dask_imgcurator.models import ClipRef, WeightsNotFoundError, download_models, list_models, store
 from dask_imgcurator.models.clip import clip_dir
-from dask_imgcurator.models.manage import model_text
+from dask_imgcurator.models.manage import check_weights, model_text
 
 from .test_heads import _original_aesthetic_state
 
@@ -75,3 +76,74 @@ def test_model_text_falls_back_to_the_folder(tmp_path: Path) -> None:
     folder = tmp_path / "clip" / "my-finetune"
     assert model_text(folder) == f"local-dir:{folder}"
     assert ClipRef.parse(model_text(folder)).kind == "local-dir"
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downloads allowed; the conftest still fails any network access, so nothing may download."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+
+@pytest.mark.parametrize("offline", [False, True])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ViT-B-32/nonexistent", r"open_clip has no pretrained tag 'nonexistent' for ViT-B-32 \(its tags: openai, "),
+        ("ViT-B-33/openai", r"unknown open_clip architecture 'ViT-B-33' \(near: ViT-B-32"),
+        ("demo/models/clip/typo", r"architecture 'demo' .*'demo/models/clip/typo' is not an existing path"),
+    ],
+)
+def test_check_weights_refuses_what_open_clip_does_not_know(text: str, message: str, offline: bool, online) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        check_weights(ClipRef.parse(text, offline=offline), ["aesthetic", "nsfw"])
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_tags_fail_on_workers_too_without_a_download(tmp_path: Path, online) -> None:
+    ref = ClipRef.parse("ViT-B-32/nonexistent", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no pretrained tag 'nonexistent'"):
+        clip_dir(ref)
+    with pytest.raises(ValueError, match="no pretrained tag 'nonexistent'"):
+        ref.info()
+
+
+def test_check_weights_online_refuses_heads_without_a_source(online, tmp_path: Path) -> None:
+    ref = ClipRef.parse("ViT-B-32/openai", model_dir=str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="(?s)aesthetic head for ViT-B-32-openai.*No download source"):
+        check_weights(ref, ["aesthetic", "nsfw"])
+    with pytest.raises(WeightsNotFoundError, match="nsfw head for ViT-B-32-openai"):
+        check_weights(ref, ["nsfw"])
+    check_weights(ref, ["my-custom-head"])  # custom heads are built by their own factories, on the workers
+
+
+def test_check_weights_online_accepts_downloadable_models_without_downloading(online) -> None:
+    check_weights(ClipRef.parse("ViT-L-14/openai"), ["aesthetic", "nsfw"])
+    check_weights(ClipRef.parse("ViT-B-32/LAION2B-S34B-B79K"), [])  # open_clip's own tag spelling rules
+    check_weights(ClipRef.parse("hf-hub:org/repo"), [])
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_check_weights_accepts_local_models_open_clip_does_not_list(tiny: ClipRef, offline: bool, online) -> None:
+    """The tiny model, a local ``random`` tag (as the benchmarks make), a local dir and a checkpoint."""
+    store_kw = {"model_dir": tiny.model_dir, "offline": offline}
+    check_weights(ClipRef(tiny.name, tiny.pretrained, **store_kw), ["aesthetic", "nsfw"])
+    random_dir = Path(tiny.model_dir) / "clip" / "ViT-B-32-random"
+    shutil.copytree(clip_dir(tiny), random_dir)
+    check_weights(ClipRef.parse("ViT-B-32/random", **store_kw), [])
+    check_weights(ClipRef.parse(str(random_dir), offline=offline), [])
+    checkpoint = random_dir / "open_clip_model.safetensors"
+    check_weights(ClipRef.parse(f"ViT-B-32/{checkpoint}", offline=offline), [])
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_check_weights_refuses_missing_local_files(tmp_path: Path, offline: bool, online) -> None:
+    with pytest.raises(WeightsNotFoundError, match="CLIP model local-dir:"):
+        check_weights(ClipRef.parse(str(tmp_path / "no-model"), offline=offline), [])
+    with pytest.raises(WeightsNotFoundError, match="checkpoint file .*no.pt for ViT-B-32 does not exist"):
+        check_weights(ClipRef.parse(f"ViT-B-32/{tmp_path}/no.pt", offline=offline), [])
+
+
+def test_check_weights_offline_refuses_missing_downloads(tmp_path: Path) -> None:
+    ref = ClipRef.parse("ViT-L-14/openai", model_dir=str(tmp_path), offline=True)
+    with pytest.raises(WeightsNotFoundError, match="Downloads are disabled"):
+        check_weights(ref, [])

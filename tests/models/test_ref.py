@@ -54,3 +54,24 @@ def test_checkpoint_path_takes_architecture_from_kw() -> None:
 def test_invalid_refs(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_existing_relative_paths_need_no_dot_slash(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "demo/models/clip/my-model").mkdir(parents=True)
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts/my.pt").touch()
+    monkeypatch.chdir(tmp_path)
+    folder = ClipRef.parse("demo/models/clip/my-model")
+    assert (folder.name, folder.pretrained, folder.kind, folder.slug) == (
+        "local-dir:demo/models/clip/my-model", None, "local-dir", "my-model"
+    )
+    assert ClipRef.parse("ckpts/my.pt", name="ViT-B-32") == ClipRef("ViT-B-32", "ckpts/my.pt")
+    # paths that do not exist keep the architecture/tag reading
+    assert ClipRef.parse("demo/nothing-here") == ClipRef("demo", "nothing-here")
+
+
+def test_a_folder_named_like_an_architecture_does_not_shadow_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ViT-B-32").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert ClipRef.parse("ViT-B-32") == ClipRef("ViT-B-32", "openai")
+    assert ClipRef.parse("./ViT-B-32").kind == "local-dir"
