@@ -23,7 +23,7 @@ from dask.base import tokenize
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
-from dask_imgcurator.io.writer import claim_output, finish_output, stage_and_write
+from dask_imgcurator.io.writer import claim_output, finish_output, stage_and_write, write_atomic
 from dask_imgcurator.progress import run_tasks
 from dask_imgcurator.schema import STRING
 
@@ -173,8 +173,7 @@ def write_curated(
     summary = _count(parts, [None if s is None else s["summary"] for s in staged.stats], progress)
     summary.written, summary.shards = shards.samples, len(shards.shards)
     summary.shards_skipped, summary.parts_skipped = shards.shards_skipped, staged.skipped
-    with fs.open(posixpath.join(root, SUMMARY), "w") as f:
-        json.dump(summary.to_dict(), f, indent=1)
+    write_atomic(fs, posixpath.join(root, SUMMARY), json.dumps(summary.to_dict(), indent=1).encode())
     finish_output(out_dir, fingerprint, {**params, "summary": summary.to_dict(), "parts": parts})
     return summary
 

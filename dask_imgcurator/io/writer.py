@@ -472,7 +472,7 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
         fs.rm(fs.ls(root, detail=False), recursive=True)
     try:
         fs.makedirs(root, exist_ok=True)
-        _write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+        write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
     except OSError as exc:
         raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
     return None
@@ -512,7 +512,7 @@ def _check_samples_per_shard(samples_per_shard: int) -> None:
 def finish_output(out_dir: str, fingerprint: str, manifest: dict) -> None:
     """Record a completed run in ``manifest.json`` and drop the in-progress bookkeeping."""
     fs, root = url_to_fs(out_dir)
-    _write_atomic(fs, posixpath.join(root, MANIFEST), json.dumps({"fingerprint": fingerprint, **manifest}, indent=1).encode())
+    write_atomic(fs, posixpath.join(root, MANIFEST), json.dumps({"fingerprint": fingerprint, **manifest}, indent=1).encode())
     for leftover in (PROGRESS_DIR, RUN_MARKER):
         if fs.exists(posixpath.join(root, leftover)):
             fs.rm(posixpath.join(root, leftover), recursive=True)
@@ -548,7 +548,8 @@ def _remove_temporaries(fs, root: str) -> None:
         fs.rm(path)
 
 
-def _write_atomic(fs, path: str, data: bytes) -> None:
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` of ``fs`` under a temporary name, then rename it: readers never see part of it."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
@@ -643,7 +644,7 @@ def _stage_part(df, path: str, summarise=None) -> dict:
     fs, local = url_to_fs(path)
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=STAGE_ROW_GROUP)
-    _write_atomic(fs, local, sink.getvalue())
+    write_atomic(fs, local, sink.getvalue())
     return {"rows": table.num_rows, "kept": to_write.num_rows, "summary": summarise(table) if summarise else None}
 
 
@@ -698,9 +699,9 @@ def _write_shard(
         "last_key": out["key"].iloc[-1] if len(out) else None,
     }
     # The record goes first and the tar last: a shard counts as done only when both exist.
-    _write_atomic(fs, posixpath.join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
-    _write_atomic(fs, f"{base}.idx", idx.getvalue().encode())
-    _write_atomic(fs, f"{base}.parquet", table.getvalue())
+    write_atomic(fs, posixpath.join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
+    write_atomic(fs, f"{base}.idx", idx.getvalue().encode())
+    write_atomic(fs, f"{base}.parquet", table.getvalue())
     fs.mv(tar_tmp, f"{base}.tar")
     return record
 

@@ -368,7 +368,7 @@ def test_finding_completed_shards_costs_no_request_per_shard(shard_dir, tmp_path
 def test_temporaries_of_attempts_that_died_mid_write_are_removed(shard_dir, tmp_path, monkeypatch):
     """A worker killed between writing a temporary and renaming it leaves the temporary behind;
     dask retries the task elsewhere, and the finished output must not keep the orphan."""
-    real_atomic = writer_module._write_atomic
+    real_atomic = writer_module.write_atomic
     orphans = []
 
     def dying_once(fs, path, data):
@@ -387,7 +387,7 @@ def test_temporaries_of_attempts_that_died_mid_write_are_removed(shard_dir, tmp_
         orphans.append(orphan)
         return real_shard(slices, root, name, *args)
 
-    monkeypatch.setattr(writer_module, "_write_atomic", dying_once)
+    monkeypatch.setattr(writer_module, "write_atomic", dying_once)
     monkeypatch.setattr(writer_module, "_write_shard", shard_dying_once)
     out = tmp_path / "out"
     with dask.config.set(scheduler="synchronous"):
