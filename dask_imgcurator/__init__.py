@@ -10,7 +10,7 @@ from dask_imgcurator.io.writer import OutputExistsError, WriteResult, to_webdata
 from dask_imgcurator.models import ClipRef, custom_model, make_tiny_model_dir, register_head
 from dask_imgcurator.pipeline import CurationSummary, mark_kept, write_curated
 from dask_imgcurator.stages.embed import embed
-from dask_imgcurator.stages.filters import FilterSyntaxError, drop_reason, parse_filter
+from dask_imgcurator.stages.filters import FilterSyntaxError, drop_reason, parse_filter, parse_filters
 from dask_imgcurator.stages.score import score
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "embed",
     "score",
     "parse_filter",
+    "parse_filters",
     "drop_reason",
     "FilterSyntaxError",
     "mark_kept",

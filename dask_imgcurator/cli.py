@@ -373,11 +373,11 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace, source) -> int:
     from dask_imgcurator.stages.embed import embed
-    from dask_imgcurator.stages.filters import drop_reason, parse_filter
+    from dask_imgcurator.stages.filters import drop_reason, parse_filters
 
     from dask_imgcurator.models.manage import check_weights
 
-    filt = parse_filter(" and ".join(f"({f})" for f in args.filter)) if args.filter else None
+    filt = parse_filters(args.filter) if args.filter else None
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     check_weights(source, heads)
     ddf = read_webdataset(_input_shards(args.shards, args.out))

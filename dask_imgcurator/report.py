@@ -16,6 +16,7 @@ import html
 import io
 import json
 import math
+import operator
 import textwrap
 import posixpath
 import uuid
@@ -34,7 +35,7 @@ from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.decode.probe import open_image
 from dask_imgcurator.io.parquet import read_parquet
 from dask_imgcurator.io.shards import full_url, read_ranges
-from dask_imgcurator.pipeline import SUMMARY, error_kind
+from dask_imgcurator.pipeline import SUMMARY, _counted, error_kind
 
 __all__ = ["write_report", "threshold_sweep", "read_thumbnails", "thumbnail_figure", "score_columns"]
 
@@ -47,10 +48,10 @@ _DETAIL_COLUMNS = ("key", "shard", "image_offset", "image_nbytes", "caption", "w
 #: Images larger than this are not read for a thumbnail.
 _MAX_THUMBNAIL_SOURCE_BYTES = 64 << 20
 _OPS = {
-    ">=": np.greater_equal,
-    ">": np.greater,
-    "<=": np.less_equal,
-    "<": np.less,
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
 }
 _KEPT_COLOUR, _DROPPED_COLOUR, _LINE_COLOUR = "#2f7d4f", "#c0504d", "#333333"
 
@@ -83,7 +84,9 @@ def threshold_sweep(
     Parameters
     ----------
     scores : pandas.Series or array-like of float
-        One score per sample; missing values (NaN, failed samples) never survive.
+        One score per sample; missing values (NaN, failed samples) never survive. Floating scores
+        are compared in their own dtype, as :func:`~dask_imgcurator.parse_filter` compares them
+        (float32 scores against the threshold rounded to float32); others as float64.
     thresholds : sequence of float, optional
         Thresholds to try. Default: about ``steps`` round numbers spanning the scores' range.
     keep : {">=", ">", "<=", "<"}
@@ -108,14 +111,20 @@ def threshold_sweep(
     """
     if keep not in _OPS:
         raise ValueError(f"keep must be one of {sorted(_OPS)}, not {keep!r}")
-    values = np.asarray(pd.to_numeric(pd.Series(scores), errors="coerce"), dtype=np.float64)
-    values = values[np.isfinite(values)]
+    series = pd.to_numeric(pd.Series(scores), errors="coerce")
+    if series.dtype.kind != "f":
+        series = series.astype("float64")
+    series = series[np.isfinite(series.to_numpy(dtype=np.float64, na_value=np.nan))]
+    values = series.to_numpy(dtype=np.float64)
     if thresholds is None:
         thresholds = _nice_thresholds(values, steps)
     ts = np.unique(np.asarray(thresholds, dtype=np.float64))
     if values.size == 0:
         return pd.DataFrame({"threshold": ts[:0], "surviving": np.zeros(0, np.int64), "fraction": ts[:0]})
-    surviving = np.array([int(_OPS[keep](values, t).sum()) for t in ts], dtype=np.int64)
+    # Compare as --filter does, the scores in their own dtype against a Python float: float32
+    # scores meet the threshold rounded to float32, so at a filter's threshold the sweep counts
+    # exactly the samples that filter kept.
+    surviving = np.array([int(_OPS[keep](series, float(t)).sum()) for t in ts], dtype=np.int64)
     return pd.DataFrame({"threshold": ts, "surviving": surviving, "fraction": surviving / values.size})
 
 
@@ -612,8 +621,9 @@ class _Page:
         for kind, count in sorted(failed.items()):
             self.add(f'<tr class="sub" data-failure="{_e(kind)}"><th>{_e(kind)}</th>'
                      f'<td class="num">{int(count)}</td></tr>')
-        self.add(f'<tr data-count="written"><th>written</th><td class="num">{int(summary.get("written", 0))} samples'
-                 f' in {int(summary.get("shards", 0))} shards</td></tr>')
+        written = (f'{_counted(int(summary.get("written", 0)), "sample")}'
+                   f' in {_counted(int(summary.get("shards", 0)), "shard")}')
+        self.add(f'<tr data-count="written"><th>written</th><td class="num">{written}</td></tr>')
         balanced = bool(summary.get("balanced", False)) and rows_in_metadata == n_in
         self.add(f'<tr data-count="balanced"{"" if balanced else " class=bad"}><th>in = kept + filtered + failed</th>'
                  f'<td>{"yes" if balanced else "NO: see summary.json"}</td></tr>')

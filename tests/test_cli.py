@@ -274,3 +274,15 @@ def test_a_stop_while_the_local_cluster_starts_is_clean(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted: completed work is kept" in err
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_each_filter_must_be_complete_on_its_own(demo_input, tmp_path, capsys):
+    """Two --filter options joined as '(a) and (b)' let 'x) or (y' rewrite the conjunction."""
+    root, ref = demo_input
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--offline",
+            "--filter", "aesthetic_score < 5.078) or (aesthetic_score > 5.085", "--filter", "nsfw_score < 0.5095"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid filter" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -194,6 +195,48 @@ def test_report_escapes_untrusted_text_and_handles_runs_without_scores(tmp_path)
     assert sorted(a["alt"] for a in doc.images("kept")) == sorted(["ok0", evil_key])  # alt is unescaped by the parser
     body = " ".join(doc.text)
     assert "no score columns" in body and "sweep" not in doc.sections
+
+
+@pytest.mark.parametrize("samples, written", [(1, "1 sample in 1 shard"), (6, "6 samples in 2 shards")])
+def test_report_counts_written_samples_and_shards_in_words(tmp_path, samples, written):
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=samples)
+    _curate(str(tmp_path / "in"), tmp_path / "out", None, None)  # 5 samples per output shard
+    text = Path(write_report(str(tmp_path / "out"), thumbnails=0)).read_text()
+    row = re.search(r'<tr data-count="written"><th>written</th><td class="num">([^<]*)</td>', text)
+    assert row is not None and row.group(1) == written
+
+
+def _nudged(value: np.float32, direction: float) -> float:
+    """A float64 a quarter of a float32 step from ``value``: it rounds back to ``value`` in float32."""
+    return float(value) + direction * float(np.spacing(value)) / 4
+
+
+def test_threshold_sweep_compares_like_the_filter():
+    scores = pd.Series(np.array([5.0796008, 5.0796008, 4.0, 6.0, np.nan], dtype=np.float32), name="s")
+    v = scores.iloc[0]
+    for keep, t in [(">=", _nudged(v, +1)), (">", _nudged(v, -1)), ("<=", _nudged(v, -1)), ("<", _nudged(v, +1))]:
+        filtered = int(ic.parse_filter(f"s {keep} {t!r}").mask(scores.to_frame()).sum())
+        assert threshold_sweep(scores, [t], keep=keep)["surviving"].tolist() == [filtered], keep
+    # float32 compares v >= t as equal; float64 would drop both copies of v
+    assert threshold_sweep(scores, [_nudged(v, +1)], keep=">=")["surviving"].tolist() == [3]
+    # float64 scores are compared in float64, as the filter does
+    wide = scores.astype("float64")
+    assert threshold_sweep(wide, [_nudged(v, +1)], keep=">=")["surviving"].tolist() == [1]
+    assert int(ic.parse_filter(f"s >= {_nudged(v, +1)!r}").mask(wide.to_frame()).sum()) == 1
+
+
+def test_report_sweep_agrees_with_the_filter_at_its_threshold(tmp_path, tiny_model):
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=6)
+    scores = ic.embed(ic.read_webdataset(str(tmp_path / "in")), tiny_model, decoder="pillow").compute()
+    assert scores["aesthetic_score"].dtype == np.float32
+    # on a score: compared in float32 the sample with it passes, in float64 it would not
+    threshold = _nudged(np.sort(scores["aesthetic_score"].to_numpy())[2], +1)
+    summary = _curate(str(tmp_path / "in"), tmp_path / "out", tiny_model, f"aesthetic_score >= {threshold!r}")
+    assert 0 < summary["kept"] < 6 and summary["failed"] == {}
+    text = Path(write_report(str(tmp_path / "out"), thumbnails=0)).read_text()
+    table = re.search(r'<table class="sweep" data-column="aesthetic_score">(.*?)</table>', text, re.S).group(1)
+    chosen = re.findall(r'<tr class="chosen"><td class="num">[^<]*</td><td class="num">(\d+)</td>', table)
+    assert chosen == [str(summary["kept"])]
 
 
 def test_kept_thumbnails_come_from_the_output_when_the_source_is_gone(tmp_path):

@@ -51,7 +51,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,7 @@ __all__ = [
     "String",
     "drop_reason",
     "parse_filter",
+    "parse_filters",
 ]
 
 #: Longest accepted filter expression, in characters.
@@ -577,9 +578,22 @@ def _walk(node: Any):
 # --------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------
+def _is_nested(dtype: Any) -> bool:
+    """Whether a column of this dtype holds lists, structs or maps (Arrow, cuDF, numpy) per row."""
+    if isinstance(dtype, pd.ArrowDtype):
+        import pyarrow as pa
+
+        return pa.types.is_nested(dtype.pyarrow_dtype)
+    if type(dtype).__name__ in ("ListDtype", "StructDtype"):  # cuDF, without importing it
+        return True
+    return isinstance(dtype, np.dtype) and (dtype.subdtype is not None or dtype.fields is not None)
+
+
 def _dtype_kind(dtype: Any) -> str:
-    """Coarse kind of a column dtype: number, bool, string, datetime or other."""
+    """Coarse kind of a column dtype: number, bool, string, datetime, nested or other."""
     try:
+        if _is_nested(dtype):
+            return "nested"
         if pd.api.types.is_bool_dtype(dtype):
             return "bool"
         if pd.api.types.is_numeric_dtype(dtype):
@@ -649,9 +663,11 @@ def _compare_pair(df, left: Operand, op: str, right: Operand, filt: "Filter"):
         else:
             result = series != other
         result.dtype  # noqa: B018 -- makes lazy (Dask) backends check types now
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # ValueError: e.g. arrays held in an object column
         raise FilterSyntaxError(
-            f"cannot compare column {left.name!r} with {right}: {exc}", filt.text, left.pos
+            f"cannot compare column {left.name!r} ({series.dtype}) with {right}: {exc}",
+            filt.text,
+            left.pos,
         ) from None
     # A comparison involving a missing value is False (also for "!=").
     result = result & ~series.isna()
@@ -723,7 +739,9 @@ class Filter:
     ['aesthetic_score', 'nsfw_score']
     """
 
-    __slots__ = ("_text", "_node", "_columns")
+    # _parts: for a filter made by parse_filters, the filters it ANDs (else empty); each
+    # validates and evaluates against its own text, so errors quote what the user typed.
+    __slots__ = ("_text", "_node", "_columns", "_parts")
 
     def __init__(self, text: str):
         self._init(text, check_length=True)
@@ -745,6 +763,18 @@ class Filter:
             "_columns",
             frozenset(n.name for n in _walk(node) if isinstance(n, Column)),
         )
+        object.__setattr__(self, "_parts", ())
+
+    @classmethod
+    def _conjunction(cls, parts: list) -> "Filter":
+        """The AND of already parsed filters (see :func:`parse_filters`)."""
+        self = cls.__new__(cls)
+        node = _make_nary(And, [p.node for p in parts], parts[0].node)
+        object.__setattr__(self, "_text", " and ".join(f"({p.text})" for p in parts))
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_columns", frozenset().union(*(p.columns for p in parts)))
+        object.__setattr__(self, "_parts", tuple(parts))
+        return self
 
     def __setattr__(self, name, value):
         raise AttributeError("Filter objects are immutable")
@@ -753,6 +783,8 @@ class Filter:
         raise AttributeError("Filter objects are immutable")
 
     def __reduce__(self):
+        if self._parts:
+            return (parse_filters, ([p.text for p in self._parts],))
         return (Filter, (self._text,))
 
     def __dask_tokenize__(self):
@@ -760,7 +792,7 @@ class Filter:
 
     @property
     def text(self) -> str:
-        """The expression exactly as given."""
+        """The expression exactly as given (from :func:`parse_filters`: each in parentheses, joined by ``and``)."""
         return self._text
 
     @property
@@ -807,8 +839,14 @@ class Filter:
         ------
         FilterSyntaxError
             Naming the first unknown column (with a caret at its position)
-            and listing the available ones, or describing a type mismatch.
+            and listing the available ones, or describing a type mismatch
+            (including any comparison on a list or struct column such as
+            ``embedding``).
         """
+        if self._parts:
+            for part in self._parts:
+                part.validate(columns)
+            return self
         dtypes: dict = {}
         if hasattr(columns, "dtypes") and hasattr(columns, "columns"):
             dtypes = dict(columns.dtypes.items())
@@ -837,6 +875,15 @@ class Filter:
                 if not isinstance(n, Compare):
                     continue
                 for left, op, right in zip(n.operands, n.ops, n.operands[1:]):
+                    for operand in (left, right):
+                        if _operand_kind(operand, dtypes) == "nested":
+                            raise FilterSyntaxError(
+                                f"cannot compare {_describe_operand(operand, dtypes)}: it holds "
+                                "a list or struct per row, not one value "
+                                "(only 'is null' / 'is not null' apply to it)",
+                                self._text,
+                                operand.pos,
+                            )
                     kinds = frozenset(
                         {_operand_kind(left, dtypes), _operand_kind(right, dtypes)}
                     )
@@ -874,7 +921,11 @@ class Filter:
             column's dtype.
         """
         self.validate(df)
-        return _evaluate(self._node, df, self)
+        result = None
+        for part in self._parts or (self,):
+            part_mask = _evaluate(part._node, df, part)
+            result = part_mask if result is None else (result & part_mask)
+        return result
 
     def conditions(self) -> list:
         """Split the filter into its top-level AND-ed conditions.
@@ -929,6 +980,56 @@ def parse_filter(text: str) -> Filter:
         If `text` is not a ``str``.
     """
     return Filter(text)
+
+
+def parse_filters(exprs: Sequence[str]) -> Filter:
+    """Parse several filter expressions, each on its own, into one filter that is their AND.
+
+    This is what repeated ``--filter`` options mean.  Each expression must be
+    complete by itself, so one cannot reach into another (``"a > 1) or (b > 2"``
+    is an error, not a way to turn the AND into an OR).
+
+    Parameters
+    ----------
+    exprs : sequence of str
+        One or more expressions, each as accepted by :func:`parse_filter`.
+
+    Returns
+    -------
+    Filter
+        A row passes when it passes every expression.  Its top-level
+        conditions (:meth:`Filter.conditions`, hence :func:`drop_reason`) are
+        those of the expressions, in order.  Errors from
+        :meth:`Filter.validate` and :meth:`Filter.mask` quote the expression
+        they concern.
+
+    Raises
+    ------
+    FilterSyntaxError
+        If an expression is malformed (the message quotes that expression).
+    ValueError
+        If `exprs` is empty.
+    TypeError
+        If `exprs` is a single ``str`` or holds something other than ``str``.
+
+    Examples
+    --------
+    >>> f = parse_filters(["aesthetic_score >= 5", "nsfw_score < 0.5 or nsfw_score is null"])
+    >>> [t for t, _ in f.conditions()]
+    ['aesthetic_score >= 5', 'nsfw_score < 0.5 or nsfw_score is null']
+    >>> parse_filters(["aesthetic_score < 5) or (aesthetic_score > 6"])
+    Traceback (most recent call last):
+    ...
+    dask_imgcurator.stages.filters.FilterSyntaxError: invalid filter: unmatched ')'
+      aesthetic_score < 5) or (aesthetic_score > 6
+                         ^
+    """
+    if isinstance(exprs, str):
+        raise TypeError("parse_filters takes a sequence of expressions; use parse_filter for one")
+    parts = [parse_filter(text) for text in exprs]
+    if not parts:
+        raise ValueError("parse_filters needs at least one expression")
+    return parts[0] if len(parts) == 1 else Filter._conjunction(parts)
 
 
 def _drop_reason_pandas(df: pd.DataFrame, filt: Filter) -> pd.Series:

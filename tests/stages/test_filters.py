@@ -12,6 +12,7 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,6 +30,7 @@ from dask_imgcurator.stages.filters import (
     Or,
     drop_reason,
     parse_filter,
+    parse_filters,
 )
 
 
@@ -313,6 +315,71 @@ def test_drop_reason_dask(df, ddf):
     assert pd.isna(want.tolist()[0]) and want.tolist()[6] == "n < 6 or is_dup == true"
 
 
+# --------------------------------------------------------------------------
+# several expressions (repeated --filter)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "exprs, bad, message, position",
+    [
+        # would turn "A and B" into "A or (...)" if the texts were pasted together
+        (["aesthetic_score < 5.078) or (aesthetic_score > 5.085", "nsfw_score < 0.5095"],
+         0, "unmatched ')'", 23),
+        (["nsfw_score < 0.5095", "(aesthetic_score < 5.078"], 1, "unclosed '('", 0),
+        ([""], 0, "empty filter expression", 0),
+        (["aesthetic_score >= 5", "   "], 1, "empty filter expression", 3),
+    ],
+)
+def test_parse_filters_parses_each_expression_on_its_own(exprs, bad, message, position):
+    with pytest.raises(FilterSyntaxError) as info:
+        parse_filters(exprs)
+    assert info.value.reason == message and info.value.text == exprs[bad]
+    assert info.value.position == position
+    assert "parentheses" not in str(info.value)
+
+
+def test_parse_filters_is_the_and_of_the_expressions(df, ddf):
+    exprs = ["aesthetic_score >= 5 or nsfw_score < 0.2", "nsfw_score < 0.5 and error is null"]
+    filt = parse_filters(exprs)
+    want = ((df.aesthetic_score >= 5) | (df.nsfw_score < 0.2)) & (df.nsfw_score < 0.5) & df.error.isna()
+    assert filt.mask(df).tolist() == want.tolist()
+    assert filt.mask(ddf).compute().tolist() == want.tolist()
+    assert [t for t, _ in filt.conditions()] == [
+        "aesthetic_score >= 5 or nsfw_score < 0.2", "nsfw_score < 0.5", "error is null",
+    ]
+    reasons = [None if pd.isna(r) else r for r in drop_reason(df, filt).tolist()]
+    assert reasons == [None, "aesthetic_score >= 5 or nsfw_score < 0.2", None, "nsfw_score < 0.5",
+                       "error is null", None, "nsfw_score < 0.5", "nsfw_score < 0.5"]
+    assert drop_reason(ddf, filt).compute().isna().tolist() == want.tolist()
+    # the same filter (and dask token) as the one expression written with its parentheses
+    same = parse_filter("(aesthetic_score >= 5 or nsfw_score < 0.2) and nsfw_score < 0.5 and error is null")
+    assert filt == same and str(filt) == str(same)
+    assert dask.base.tokenize(filt) == dask.base.tokenize(same)
+    assert filt.columns == frozenset({"aesthetic_score", "nsfw_score", "error"})
+    clone = pickle.loads(pickle.dumps(filt))
+    assert clone == filt and clone.text == filt.text and clone.mask(df).tolist() == want.tolist()
+    assert parse_filters(["a > 1"]) == parse_filter("a > 1")
+
+
+def test_parse_filters_errors_quote_the_expression_concerned(df, ddf):
+    filt = parse_filters(["aesthetic_score >= 5", "nsfw > 0.5"])
+    for run in (lambda: filt.validate(df), lambda: filt.mask(ddf), lambda: drop_reason(df, filt)):
+        with pytest.raises(FilterSyntaxError, match="unknown column 'nsfw'") as info:
+            run()
+        assert info.value.text == "nsfw > 0.5" and info.value.position == 0
+    with pytest.raises(FilterSyntaxError, match="cannot compare column 'caption'") as info:
+        parse_filters(["n > 1", "caption > 5"]).mask(df)
+    assert info.value.text == "caption > 5"
+
+
+def test_parse_filters_rejects_no_expressions_and_a_bare_string():
+    with pytest.raises(ValueError, match="at least one"):
+        parse_filters([])
+    with pytest.raises(TypeError, match="parse_filter"):
+        parse_filters("a > 1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        parse_filters(["a > 1", 5])  # type: ignore[list-item]
+
+
 def test_drop_reason_rejects_other_types():
     with pytest.raises(TypeError):
         drop_reason({"a": [1]}, parse_filter("a > 1"))  # type: ignore[arg-type]
@@ -444,6 +511,51 @@ def test_type_mismatch_is_reported_eagerly(df, ddf, text, message):
     assert message in str(info.value)
     with pytest.raises(FilterSyntaxError):
         parse_filter(text).mask(ddf)
+
+
+@pytest.fixture(scope="module")
+def nested_df() -> pd.DataFrame:
+    rows = [[0.6, 0.8], None, [1.0, 0.0]]
+    return pd.DataFrame({
+        "embedding": pd.Series(rows, dtype=pd.ArrowDtype(pa.list_(pa.float32(), 2))),
+        "boxes": pd.Series([[1], [], None], dtype=pd.ArrowDtype(pa.list_(pa.int64()))),
+        "meta": pd.Series([{"w": 1}, {"w": 2}, None], dtype=pd.ArrowDtype(pa.struct([("w", pa.int64())]))),
+        "aesthetic_score": np.array([5.0, 6.0, 7.0], dtype=np.float32),
+    })
+
+
+@pytest.mark.parametrize(
+    "text, column, position",
+    [
+        ("embedding > 0", "embedding", 0),
+        ("0 < embedding", "embedding", 4),
+        ("aesthetic_score >= 5 and aesthetic_score < embedding", "embedding", 43),
+        ("boxes == 1", "boxes", 0),
+        ("meta != 'x'", "meta", 0),
+    ],
+)
+def test_comparing_a_list_column_is_rejected_before_any_work(nested_df, text, column, position):
+    lazy = dd.from_pandas(nested_df, npartitions=1)
+    dtype = nested_df[column].dtype
+    for run in (lambda: parse_filter(text).validate(lazy._meta), lambda: parse_filter(text).mask(lazy),
+                lambda: parse_filter(text).mask(nested_df), lambda: drop_reason(lazy, text)):
+        with pytest.raises(FilterSyntaxError) as info:
+            run()
+        first_line = str(info.value).split("\n")[0]
+        assert first_line.startswith(f"invalid filter: cannot compare column {column!r} ({dtype}): it holds a list")
+        assert info.value.position == position
+
+
+def test_list_columns_can_still_be_tested_for_null(nested_df):
+    assert parse_filter("embedding is not null").mask(nested_df).tolist() == [True, False, True]
+    lazy = dd.from_pandas(nested_df, npartitions=1)
+    assert parse_filter("meta is null or aesthetic_score > 6").mask(lazy).compute().tolist() == [False, False, True]
+
+
+def test_arrays_in_an_object_column_give_a_filter_error():
+    frame = pd.DataFrame({"emb": pd.Series([np.ones(2), np.zeros(2)], dtype=object)})
+    with pytest.raises(FilterSyntaxError, match=r"cannot compare column 'emb' \(object\) with 0"):
+        parse_filter("emb > 0").mask(frame)
 
 
 # --------------------------------------------------------------------------
