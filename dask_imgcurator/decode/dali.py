@@ -28,7 +28,9 @@ __all__ = ["DaliDecoder", "dali_available"]
 
 # What goes to DALI: plain 8-bit RGB/gray stills (ImageInfo.is_plain) in formats it decodes like
 # Pillow. Everything else (alpha, palettes, CMYK, 16-bit, animations, GIF, ...) needs Pillow's conversions.
-_DALI_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+# Not TIFF: Pillow applies its orientation tag on open (so the header size is the rotated one) and
+# DALI does not; TIFFs are rare in web datasets.
+_DALI_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
 # On the CPU, WebP goes to Pillow's share, where torchvision's libwebp decodes the same pixels
 # faster than DALI's CPU decoder (40 photo-like WebPs of 0.65 MP, one thread, decode + resize:
 # 11.9-15.8 against 15.1-18.6 ms per image on a 2-core AMD EPYC; 115 against 118 images/s on an
@@ -87,7 +89,8 @@ class DaliDecoder:
     resize cost more than its decode (2.2 against 0.5 ms for a 0.13 MP JPEG, 4.5 against 2.1 for
     0.6 MP, one thread), so DALI only decodes there and torch's antialiased 8-bit resize, 5-9x
     faster, does the rest, as in :class:`PillowDecoder`. EXIF orientation is not applied, as in
-    open_clip and :class:`PillowDecoder`.
+    open_clip and :class:`PillowDecoder` (TIFFs, whose orientation Pillow applies, go to Pillow).
+    On the CPU an image whose decoded size differs from its header's is decoded again by Pillow.
 
     The pipeline is built on first use and reused; one instance must not be used by two
     threads at the same time.
@@ -276,8 +279,9 @@ class DaliDecoder:
                 return [_dali_reason(exc)]
         return [self._run_chunk([blob], [info])[0] for blob, info in zip(blobs, infos)]
 
-    def _run(self, blobs: list[bytes], infos: list[ImageInfo]) -> Sequence[torch.Tensor]:
-        """One pipeline run: on the CPU (3, size, size) uint8 crops, on the GPU normalised float rows."""
+    def _run(self, blobs: list[bytes], infos: list[ImageInfo]) -> Sequence[torch.Tensor | str]:
+        """One pipeline run: on the CPU (3, size, size) uint8 crops (or why DALI's pixels were not
+        used), on the GPU normalised float rows."""
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
@@ -285,9 +289,13 @@ class DaliDecoder:
         if self.device == "cpu":
             (out,) = pipe.run()
 
-            def crop(i: int) -> torch.Tensor:
+            def crop(i: int) -> torch.Tensor | str:
                 # a view of DALI's output buffer (valid until the next run), resized into a new tensor
-                return resize_center_crop(np.asarray(out[i]), infos[i].width, infos[i].height, self.spec)
+                pixels = np.asarray(out[i])
+                if pixels.shape[:2] != (infos[i].height, infos[i].width):  # Pillow would see another image
+                    return (f"DALI decoded {pixels.shape[1]}x{pixels.shape[0]} pixels where the header says "
+                            f"{infos[i].width}x{infos[i].height}")
+                return resize_center_crop(pixels, infos[i].width, infos[i].height, self.spec)
 
             if self.num_threads == 1 or len(infos) == 1:
                 return [crop(i) for i in range(len(infos))]

@@ -11,7 +11,7 @@ from PIL import Image
 from dask_imgcurator.decode.base import DecodedBatch, DecodeError, PreprocessSpec
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 from dask_imgcurator.decode.probe import ImageInfo, open_image
-from dask_imgcurator.decode.resize import MAX_FULL_RESIZE, empty_batch, normalized_rows, resize_center_crop
+from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_center_crop, resizes_whole
 
 __all__ = ["PillowDecoder", "draft_reduces"]
 
@@ -23,20 +23,24 @@ _RESIZERS = ("torch", "pillow")
 # a shorter-side-only draft, for about 30% more time; both are ~2x faster than no draft.
 _DRAFT_GAP = 2
 _DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: multi-picture JPEGs from cameras and phones
-# Plain images in these formats are decoded by torchvision (see PillowDecoder._fast_pixels).
-_TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+# Plain images in these formats are decoded by torchvision (see PillowDecoder._fast_pixels). Never PNG:
+# torchvision 0.29's libpng error path segfaults on a bad IDAT CRC or filter byte, killing the worker,
+# where Pillow loads the one and raises OSError on the other (tests/decode/test_corrupt_png.py).
+_TORCHVISION_FORMATS = frozenset({"JPEG", "WEBP"})
 
 
 class PillowDecoder:
     """Decode with Pillow, one image at a time.
 
-    Pillow opens and checks every image. The pixels of plain 8-bit RGB or gray JPEG, PNG and
-    WebP stills that are not drafted come from torchvision's decoders, the same libraries
-    returning the same pixels ~1.5x faster (with ``resize="torch"``, the default). Every image
+    Pillow opens and checks every image. The pixels of plain 8-bit RGB or gray JPEG and WebP
+    stills that are not drafted come from torchvision's decoders, the same libraries returning
+    the same pixels ~1.5x faster (with ``resize="torch"``, the default); PNG is always decoded
+    by Pillow, which fails safely on corrupt files where torchvision crashes. Every image
     is converted to RGB (alpha composited onto white, 16-bit scaled to 8-bit,
     first frame of animations), its shorter side resized to ``spec.size`` and center cropped,
     as torchvision does for PIL images, then scaled to 0..1 and normalised. Like open_clip,
-    EXIF orientation is not applied. With ``resize="pillow"`` and no draft the output is
+    EXIF orientation is not applied (except TIFF's orientation tag, which Pillow applies when it
+    opens the file, for open_clip too). With ``resize="pillow"`` and no draft the output is
     bit-identical to open_clip's eval transform on the opened image. Stateless, so safe to
     share across threads.
 
@@ -132,14 +136,14 @@ class PillowDecoder:
         return None, info.width, info.height
 
     def _fast_pixels(self, blob: bytes, info: ImageInfo) -> torch.Tensor | None:
-        """(H, W, 3) uint8 pixels from torchvision's decoders, for plain JPEG/PNG/WebP images
-        resized by torch at full scale; None where Pillow decodes (draft, conversions, its resize).
+        """(H, W, 3) uint8 pixels from torchvision's decoders, for plain JPEG/WebP images
+        resized by torch at full scale; None where Pillow decodes (PNG, draft, conversions, its resize).
 
-        torchvision wraps the same libjpeg-turbo, libpng and libwebp as Pillow and returns the
-        same pixels (``tests/decode/test_pillow.py``), ~1.5x faster: on the benchmark photos, one
+        torchvision wraps the same libjpeg-turbo and libwebp as Pillow and returns the same
+        pixels (``tests/decode/test_pillow.py``), ~1.5x faster: on the benchmark photos, one
         thread, JPEG 0.56 against 0.89 ms below 448 px and 2.25 against 3.28 ms below 896 px,
-        WebP 1.2-1.6x, PNG 1.15-1.25x. Anything it refuses (a corrupt file, a format this
-        torchvision lacks) returns None, and Pillow's decode gives the image's error.
+        WebP 1.2-1.6x. Anything it refuses (a corrupt file, a format this torchvision lacks)
+        returns None, and Pillow's decode gives the image's error.
         """
         if self.resize != "torch" or info.format not in _TORCHVISION_FORMATS or not info.is_plain:
             return None
@@ -168,13 +172,13 @@ class PillowDecoder:
             return resize_center_crop(np.array(rgb), info.width, info.height, self.spec, scale=(fx, fy))
         resample = _RESAMPLE[self.spec.interpolation]
         new_w, new_h = resized_size(info.width, info.height, size)
-        if max(new_w, new_h) <= MAX_FULL_RESIZE * size:
+        if resizes_whole(new_w, new_h, rgb.width * rgb.height, size):
             # Resize everything, then crop: bit-identical to torchvision. (Pillow's resize with a
             # cropping box orders its two passes differently and drifts by a few levels.)
             left, top = crop_offset(new_w, new_h, size)
             resized = rgb.resize((new_w, new_h), resample, box=(0, 0, info.width * fx, info.height * fy))
             return _chw(resized.crop((left, top, left + size, top + size)))
-        # Extreme aspect ratios: resize only the kept region instead of a huge intermediate.
+        # Extreme upscales: resize only the kept region instead of a huge intermediate.
         left, top, right, bottom = crop_box(info.width, info.height, size)
         return _chw(rgb.resize((size, size), resample, box=(left * fx, top * fy, right * fx, bottom * fy)))
 
@@ -213,7 +217,12 @@ def draft_reduces(info: ImageInfo, size: int) -> bool:
 def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:
     """Any Pillow mode → 8-bit RGB, transparency composited onto white (first frame if animated)."""
     if img.mode.startswith("I"):
-        return Image.fromarray(_gray16_to_8(img, info.bit_depth)).convert("RGB")
+        values = np.asarray(img)
+        gray = _gray16_to_8(values, info.bit_depth)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a colour key (16-bit gray PNG's tRNS): those pixels are transparent
+            gray[values == key] = 255
+        return Image.fromarray(gray).convert("RGB")
     if info.has_alpha:
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, _WHITE)
@@ -222,9 +231,9 @@ def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
-def _gray16_to_8(img: Image.Image, bit_depth: int) -> np.ndarray:
+def _gray16_to_8(values: np.ndarray, bit_depth: int) -> np.ndarray:
     """Scale integer grayscale to 0..255 (Pillow's own convert("L") clips everything above 255)."""
-    values = np.asarray(img).astype(np.float64)
+    values = values.astype(np.float64)
     top = 255.0 if bit_depth <= 8 else 65535.0
     return np.round(np.clip(values, 0.0, top) * (255.0 / top)).astype(np.uint8)
 

@@ -27,7 +27,8 @@ class ImageInfo:
     format : str
         Pillow's format name ("JPEG", "PNG", "WEBP", "GIF", ...).
     width, height : int
-        Stored size in pixels (EXIF orientation is not applied).
+        Size in pixels as Pillow opens the image: as stored, EXIF orientation not applied,
+        except for TIFF, whose orientation tag Pillow applies (5-8 swap width and height).
     mode : str
         Pillow mode of the first frame ("RGB", "L", "CMYK", "I;16", "P", ...).
     has_alpha : bool

@@ -17,11 +17,37 @@ import torch.nn.functional as F
 from dask_imgcurator.decode.base import PreprocessSpec
 from dask_imgcurator.decode.preprocess import crop_box, crop_offset, resized_size
 
-__all__ = ["empty_batch", "normalized_rows", "resize_center_crop"]
+__all__ = ["empty_batch", "normalized_rows", "resize_center_crop", "resizes_whole"]
 
-#: Above this aspect ratio the resized intermediate would be wasteful (or, for hostile inputs, huge):
-#: only the kept region is resized.
-MAX_FULL_RESIZE = 4
+#: Images are resized whole, then cropped, unless the resized image would exceed both the decoded
+#: image and this many output squares (see :func:`resizes_whole`).
+MAX_RESIZED_SQUARES = 64
+
+
+def resizes_whole(new_w: int, new_h: int, pixels: int, size: int) -> bool:
+    """Whether to resize the whole image and then crop, as open_clip does, rather than only the
+    region the crop keeps.
+
+    Resizing the whole image is exact. The kept region, widened to whole source pixels (torch's
+    resize takes no fractional box), comes out shifted and stretched by up to a source pixel:
+    1.07 (normalised units) off open_clip on a 1000x240 PNG. It is used only where the resized
+    image would be larger than both the decoded one and ``MAX_RESIZED_SQUARES`` outputs:
+    extreme upscales of thin strips (100000x1 would become 22400000x224).
+
+    Parameters
+    ----------
+    new_w, new_h : int
+        Size after resizing the shorter side (:func:`~dask_imgcurator.decode.preprocess.resized_size`).
+    pixels : int
+        Pixels of the decoded image (after any reduced-scale JPEG decode).
+    size : int
+        Output side.
+
+    Returns
+    -------
+    bool
+    """
+    return new_w * new_h <= max(pixels, MAX_RESIZED_SQUARES * size * size)
 
 
 def resize_center_crop(
@@ -60,12 +86,12 @@ def resize_center_crop(
     sx, sy = scale if scale is not None else (src_w / width, src_h / height)
     image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) view, channels-last for Pillow's and DALI's arrays
     new_w, new_h = resized_size(width, height, size)
-    if max(new_w, new_h) <= MAX_FULL_RESIZE * size:
+    if resizes_whole(new_w, new_h, src_w * src_h, size):
         left, top = crop_offset(new_w, new_h, size)
         resized = _interpolate(image, (new_h, new_w), (height * sy, width * sx), spec.interpolation)
         out = resized[0, :, top : top + size, left : left + size]
     else:
-        # the kept box only, widened to whole source pixels (within one source pixel of exact)
+        # the kept box only, widened to whole source pixels (within one source pixel of exact: see resizes_whole)
         left, top, right, bottom = crop_box(width, height, size)
         x0, x1 = math.floor(left * sx), min(src_w, math.ceil(right * sx))
         y0, y1 = math.floor(top * sy), min(src_h, math.ceil(bottom * sy))

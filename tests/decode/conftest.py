@@ -48,19 +48,20 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def raw_png(width: int, height: int, rows: Iterable[bytes], bit_depth: int = 8, colour_type: int = 2) -> bytes:
     """Assemble a PNG from unfiltered scanlines (each without its filter byte).
 
     Pillow cannot write every variant (16-bit RGB, for one), and writes huge ones slowly.
     """
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     packer = zlib.compressobj(9)
     idat = b"".join(packer.compress(b"\x00" + row) for row in rows) + packer.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def png_of_size(width: int, height: int) -> bytes:

@@ -101,6 +101,30 @@ def test_webp_goes_to_pillow_on_the_cpu_only(spec, monkeypatch):
     assert _dali_handles(info, "gpu") and not _dali_handles(info, "cpu")  # the GPU pipeline keeps WebP
 
 
+def test_tiffs_go_to_pillow(spec, monkeypatch):
+    """Pillow applies a TIFF's orientation tag when it opens it (the header size is the rotated one); DALI does not."""
+    tiff = encode(photo(120, 90, seed=4), "TIFF", tiffinfo={274: 6})
+    info = probe_image(tiff)
+    assert not _dali_handles(info, "cpu") and not _dali_handles(info, "gpu")
+    dec = DaliDecoder(spec)
+    routed = _spy_on_pillow(dec, monkeypatch)
+    out = dec.decode([encode(photo(80, 60)), tiff])
+    assert routed == [tiff] and out.errors == [None, None]
+    assert torch.equal(out.pixels[1], PillowDecoder(spec).decode([tiff]).pixels[0])
+
+
+def test_dali_pixels_of_another_size_than_the_header_go_to_pillow(spec, monkeypatch):
+    import dask_imgcurator.decode.dali as dali_module
+
+    tiff = encode(photo(120, 90, seed=4), "TIFF", tiffinfo={274: 6})  # DALI decodes 120x90, the header says 90x120
+    monkeypatch.setattr(dali_module, "_DALI_CPU_FORMATS", dali_module._DALI_CPU_FORMATS | {"TIFF"})
+    dec = DaliDecoder(spec)
+    routed = _spy_on_pillow(dec, monkeypatch)
+    out = dec.decode([tiff])
+    assert dec._pipe is not None and routed == [tiff] and out.errors == [None]  # DALI first, then Pillow
+    assert torch.equal(out.pixels, PillowDecoder(spec).decode([tiff]).pixels)
+
+
 def test_large_jpegs_go_to_pillow_draft_on_the_cpu(spec, monkeypatch):
     small, big_jpeg = encode(photo(640, 480)), encode(photo(1600, 900, seed=1))
     big_png = encode(photo(1600, 900), "PNG")

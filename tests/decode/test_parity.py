@@ -61,11 +61,13 @@ def reference(blobs: list[bytes], spec: PreprocessSpec) -> torch.Tensor:
     return torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs])
 
 
-def _diff(decoder, fmt: str, spec: PreprocessSpec) -> tuple[float, float, float]:
+def _diff(
+    decoder, fmt: str, spec: PreprocessSpec, images: dict[str, list[bytes]] = IMAGES
+) -> tuple[float, float, float]:
     """(max, mean, max over all but the outermost pixel ring) of |decoder - open_clip|."""
-    out = decoder.decode(IMAGES[fmt])
-    assert out.errors == [None] * len(IMAGES[fmt])
-    diff = (out.pixels.cpu() - reference(IMAGES[fmt], spec)).abs()
+    out = decoder.decode(images[fmt])
+    assert out.errors == [None] * len(images[fmt])
+    diff = (out.pixels.cpu() - reference(images[fmt], spec)).abs()
     return diff.max().item(), diff.mean().item(), diff[..., 1:-1, 1:-1].max().item()
 
 
@@ -139,3 +141,58 @@ def test_dali_cpu_bilinear():
     assert max_abs < 0.02 and mean_abs < 0.0006 and inner_max < 0.02
     max_abs, mean_abs, _ = _diff(DaliDecoder(spec), "jpeg", spec)
     assert max_abs < 0.11 and mean_abs < 0.002
+
+
+def _decoder(backend: str, spec: PreprocessSpec, **kw):
+    if backend == "pillow":
+        return PillowDecoder(spec, **kw)
+    pytest.importorskip("nvidia.dali")
+    from dask_imgcurator.decode import DaliDecoder
+
+    return DaliDecoder(spec, **kw)
+
+
+# Aspect ratios above 4, both orientations: banners (upscaled) and strips as PNG, and JPEGs whose
+# shorter side of 1000 px takes the draft path by default. Resizing only the crop's box, widened to
+# whole source pixels, had put them 1.07 (1000x240), 0.57 (728x90) and 0.60 (4600x1000) off.
+WIDE_SIZES = {"png": [(1000, 240), (240, 1000), (728, 90), (90, 728)], "jpeg": [(4600, 1000), (1000, 4600)]}
+
+
+@pytest.fixture(scope="module")
+def wide_images() -> dict[str, list[bytes]]:
+    png, jpeg = WIDE_SIZES["png"], WIDE_SIZES["jpeg"]
+    return {
+        "png": [encode(photo(w, h, seed=20 + i), "PNG", compress_level=1) for i, (w, h) in enumerate(png)],
+        "jpeg": [encode(photo(w, h, seed=30 + i), quality=90) for i, (w, h) in enumerate(jpeg)],
+    }
+
+
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+@pytest.mark.parametrize("fmt", sorted(WIDE_SIZES))
+def test_aspect_ratios_above_4(spec, wide_images, backend, fmt):
+    max_abs, mean_abs, inner_max = _diff(_decoder(backend, spec, draft=False), fmt, spec, wide_images)
+    tol_max, _, tol_inner = TORCH_RESIZE_TOLERANCE[fmt]
+    # the mean over these few: tall images sit one level off over wide areas (0.002-0.004 per image, as 300x1000 above)
+    assert max_abs < tol_max and mean_abs < 0.002 and inner_max < tol_inner
+
+
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+def test_aspect_ratios_above_4_with_draft(spec, wide_images, backend):
+    max_abs, mean_abs, _ = _diff(_decoder(backend, spec), "jpeg", spec, wide_images)
+    assert max_abs < 0.1 and mean_abs < 0.006  # one drafted photo alone averages ~0.005 (a 1600x900 one too)
+
+
+@pytest.mark.parametrize("fmt", sorted(WIDE_SIZES))
+def test_aspect_ratios_above_4_pillow_is_bit_identical(spec, wide_images, fmt):
+    assert _diff(PillowDecoder(spec, draft=False, resize="pillow"), fmt, spec, wide_images) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+def test_oriented_tiffs(spec, backend):
+    """Pillow (so open_clip) applies a TIFF's orientation tag when it opens the file; DALI does not (3.2 off)."""
+    images = {"tiff": [encode(photo(120, 90, seed=4), "TIFF", tiffinfo={274: o}) for o in (3, 6)]}
+    out = _decoder(backend, spec).decode(images["tiff"])
+    assert out.width.tolist() == [120, 90] and out.height.tolist() == [90, 120]  # 6: rotated a quarter turn
+    max_abs, mean_abs, inner_max = _diff(_decoder(backend, spec), "tiff", spec, images)
+    tol_max, tol_mean, tol_inner = TORCH_RESIZE_TOLERANCE["png"]  # lossless, like PNG
+    assert max_abs < tol_max and mean_abs < tol_mean and inner_max < tol_inner

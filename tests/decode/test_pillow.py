@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 import subprocess
 import sys
 import threading
@@ -11,10 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from dask_imgcurator.decode import ImageInfo, PillowDecoder, PreprocessSpec, make_decoder
+from dask_imgcurator.decode import ImageInfo, PillowDecoder, PreprocessSpec, make_decoder, probe_image
 from dask_imgcurator.decode.pillow import draft_reduces
 
-from .conftest import encode, normalised_white, photo, png_of_size, transparent_png, unusual_images
+from .conftest import (
+    encode, normalised_white, photo, png_chunk, png_of_size, raw_png, transparent_png, unnormalize, unusual_images,
+)
 
 
 @pytest.mark.parametrize("draft", [True, False])
@@ -26,6 +29,21 @@ def test_bad_image_matrix(image_case, spec, draft):
 def test_transparent_pixels_are_white(spec):
     pixels = PillowDecoder(spec).decode([transparent_png()]).pixels[0]
     assert torch.allclose(pixels, normalised_white(spec).expand_as(pixels), atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [1000, 0])
+def test_16bit_grey_colour_key_is_transparent(spec, hidden):
+    """A 16-bit gray PNG whose tRNS colour key matches the left half: that half is white."""
+    values = np.full((30, 40), 20000, np.uint16)
+    values[:, :20] = hidden
+    png = raw_png(40, 30, (row.astype(">u2").tobytes() for row in values), bit_depth=16, colour_type=0)
+    at = png.find(b"IDAT") - 4
+    png = png[:at] + png_chunk(b"tRNS", struct.pack(">H", hidden)) + png[at:]
+    assert probe_image(png).has_alpha
+    rgb = unnormalize(PillowDecoder(spec, resize="pillow").decode([png]).pixels[0], spec)
+    # the halves meet at output column 112; the bicubic upscale blurs ~15 columns either side
+    assert torch.allclose(rgb[:, :, :90], torch.ones(3, 224, 90), atol=1e-6)
+    assert torch.allclose(rgb[:, :, 134:], torch.full((3, 224, 90), round(20000 * 255 / 65535) / 255), atol=1e-6)
 
 
 def test_32bit_integer_grey_is_read_as_16bit(spec):
@@ -179,11 +197,14 @@ PLAIN_IMAGES = {
     "progressive_jpeg": lambda: encode(photo(500, 333, seed=12), progressive=True, quality=90),
     "gray_jpeg": lambda: encode(photo(300, 400, seed=13).convert("L")),
     "subsampled_444_jpeg": lambda: encode(photo(257, 259, seed=14), subsampling=0, quality=95),
+    "webp": lambda: encode(photo(400, 300, seed=18), "WEBP", quality=85),
+    "lossless_webp": lambda: encode(photo(300, 400, seed=19), "WEBP", lossless=True),
+}
+# Plain PNGs, which Pillow decodes all the same (torchvision crashes on corrupt ones: test_corrupt_png.py)
+PLAIN_PNGS = {
     "png": lambda: encode(photo(320, 240, seed=15), "PNG"),
     "gray_png": lambda: encode(photo(240, 320, seed=16).convert("L"), "PNG"),
     "png_with_gamma": lambda: encode(photo(300, 300, seed=17), "PNG", pnginfo=_png_with_gamma()),
-    "webp": lambda: encode(photo(400, 300, seed=18), "WEBP", quality=85),
-    "lossless_webp": lambda: encode(photo(300, 400, seed=19), "WEBP", lossless=True),
 }
 
 
@@ -218,12 +239,14 @@ def test_plain_images_decode_through_torchvision_to_pillows_pixels(spec, name, m
     assert calls == [1] and torch.equal(with_fast, decoder.decode([blob]).pixels)
 
 
-@pytest.mark.parametrize("name", [*sorted(unusual_images()), "draft"])
+@pytest.mark.parametrize("name", [*sorted(unusual_images()), *sorted(PLAIN_PNGS), "draft"])
 def test_images_needing_pillow_skip_torchvision(spec, name):
     from dask_imgcurator.decode.probe import probe_image
 
-    # drafted: libjpeg decodes it at 1/2 scale, through Pillow
-    blob = encode(photo(2000, 1000, seed=2)) if name == "draft" else unusual_images()[name]
+    if name == "draft":  # libjpeg decodes it at 1/2 scale, through Pillow
+        blob = encode(photo(2000, 1000, seed=2))
+    else:
+        blob = PLAIN_PNGS[name]() if name in PLAIN_PNGS else unusual_images()[name]
     assert PillowDecoder(spec)._fast_pixels(blob, probe_image(blob)) is None
 
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from dask_imgcurator.decode import PillowDecoder, PreprocessSpec
-from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_center_crop
+from dask_imgcurator.decode.preprocess import resized_size
+from dask_imgcurator.decode.resize import empty_batch, normalized_rows, resize_center_crop, resizes_whole
 
 from .conftest import encode, photo
 
@@ -33,13 +34,34 @@ def test_matches_pillow_within_a_level_almost_everywhere(size, interpolation):
     assert (diff > 1).mean() < 0.001 and diff.max() <= 8
 
 
-def test_extreme_aspect_ratio_resizes_the_kept_box_only():
+@pytest.mark.parametrize("size", [(4000, 200), (1000, 240), (240, 1000), (728, 90)])
+def test_aspect_ratios_above_4_are_resized_whole_like_pillow(size):
+    """Resizing only the crop's box, widened to whole pixels, stretched it (69 levels off at 1000x240)."""
     spec = PreprocessSpec()
-    img = photo(4000, 200, seed=4)  # 4480 x 224 if resized whole: over MAX_FULL_RESIZE
-    pixels = resize_center_crop(np.array(img), 4000, 200, spec)
-    reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info((4000, 200)))
+    img = photo(*size, seed=4)
+    pixels = resize_center_crop(np.array(img), *size, spec)
+    reference = PillowDecoder(spec, draft=False, resize="pillow")._crop_rgb(img, _info(size))
     assert pixels.shape == (3, 224, 224)
-    assert np.abs(pixels.numpy().astype(int) - reference.numpy().astype(int)).mean() < 1.0
+    diff = np.abs(pixels.numpy().astype(int) - reference.numpy().astype(int))
+    assert (diff > 1).mean() < 0.001 and diff.max() <= 8
+
+
+def test_extreme_upscales_resize_the_kept_box_only(monkeypatch):
+    spec = PreprocessSpec()
+    assert resizes_whole(*resized_size(728, 90, 224), 728 * 90, 224)
+    assert resizes_whole(*resized_size(20_000, 2_000, 224), 20_000 * 2_000, 224)  # downscaled: smaller than the image
+    assert not resizes_whole(*resized_size(20_000, 10, 224), 20_000 * 10, 224)  # 448000 x 224 if resized whole
+    shapes = []
+    interpolate = torch.nn.functional.interpolate
+
+    def spy(*args, **kwargs):
+        out = interpolate(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    pixels = resize_center_crop(np.array(photo(20_000, 10, seed=4)), 20_000, 10, spec)
+    assert pixels.shape == (3, 224, 224) and shapes == [(1, 3, 224, 224)]
 
 
 def test_a_reduced_scale_decode_keeps_the_original_geometry():
