@@ -86,6 +86,7 @@ class CurationSummary:
     failed: dict[str, int] = field(default_factory=dict)
     written: int = 0
     shards: int = 0
+    unreadable_shards: int = 0
     shards_skipped: int = 0
     parts_skipped: int = 0
 
@@ -109,6 +110,11 @@ class CurationSummary:
         ]
         lines += [f"  filtered by {cond!r}: {n}" for cond, n in sorted(self.filtered.items())]
         lines += [f"  failed ({kind}): {n}" for kind, n in sorted(self.failed.items())]
+        if self.unreadable_shards:
+            lines.append(
+                f"unreadable shards: {self.unreadable_shards} (partly or not at all; the metadata rows with an"
+                " empty key say why)"
+            )
         lines.append(f"written: {_counted(self.written, 'sample')} in {_counted(self.shards, 'shard')}")
         if self.parts_skipped or self.shards_skipped:
             lines.append(
@@ -185,24 +191,32 @@ def _count(parts: list[str], known: list[tuple | None], progress: bool) -> Curat
     read = run_tasks([count(parts[i]) for i in unknown], "accounting", progress, unit="part")
     totals = CurationSummary()
     filtered, failed = Counter(), Counter()
-    for n_in, n_kept, part_filtered, part_failed in [k for k in known if k is not None] + read:
+    for n_in, n_kept, part_filtered, part_failed, n_unreadable in [k for k in known if k is not None] + read:
         totals.samples_in += n_in
         totals.kept += n_kept
+        totals.unreadable_shards += n_unreadable
         filtered.update(part_filtered)
         failed.update(part_failed)
     totals.filtered, totals.failed = dict(filtered), dict(failed)
     return totals
 
 
-def _count_part(part: str) -> tuple[int, int, dict, dict]:
+def _count_part(part: str) -> tuple[int, int, dict, dict, int]:
     fs, path = url_to_fs(part)
     with fs.open(path, "rb") as f:
-        return _accounting(pq.read_table(f, columns=["kept", "drop_reason", "error"]))
+        return _accounting(pq.read_table(f, columns=["key", "kept", "drop_reason", "error"]))
 
 
-def _accounting(table: pa.Table) -> tuple[int, int, dict, dict]:
-    """Samples, kept samples, filtered samples per reason and failed samples per error kind of one part."""
-    filtered = Counter(r for r in table.column("drop_reason").to_pylist() if r is not None)
-    failed = Counter(error_kind(e) for e in table.column("error").to_pylist() if e is not None)
-    kept = pa.compute.sum(table.column("kept").fill_null(False)).as_py() or 0
-    return table.num_rows, int(kept), dict(filtered), dict(failed)
+def _accounting(table: pa.Table) -> tuple[int, int, dict, dict, int]:
+    """Samples, kept samples, filtered samples per reason, failed samples per error kind, and
+    unreadable shards of one part.
+
+    A shard that could not be read (whole or in part) has one row with an empty key for its error;
+    that row is the shard's, not a sample: it is counted apart from the samples.
+    """
+    shard_rows = pa.compute.fill_null(pa.compute.equal(table.column("key"), ""), False)
+    samples = table.filter(pa.compute.invert(shard_rows))
+    filtered = Counter(r for r in samples.column("drop_reason").to_pylist() if r is not None)
+    failed = Counter(error_kind(e) for e in samples.column("error").to_pylist() if e is not None)
+    kept = pa.compute.sum(samples.column("kept").fill_null(False)).as_py() or 0
+    return samples.num_rows, int(kept), dict(filtered), dict(failed), table.num_rows - samples.num_rows

@@ -624,12 +624,17 @@ class _Page:
         written = (f'{_counted(int(summary.get("written", 0)), "sample")}'
                    f' in {_counted(int(summary.get("shards", 0)), "shard")}')
         self.add(f'<tr data-count="written"><th>written</th><td class="num">{written}</td></tr>')
-        balanced = bool(summary.get("balanced", False)) and rows_in_metadata == n_in
+        unreadable = int(summary.get("unreadable_shards", 0))
+        if unreadable:
+            self.add(f'<tr data-count="unreadable_shards"><th>unreadable shards</th><td class="num">{unreadable}'
+                     ' (error rows with an empty key)</td></tr>')
+        rows_expected = n_in + unreadable  # one row per sample, plus one per unreadable shard
+        balanced = bool(summary.get("balanced", False)) and rows_in_metadata == rows_expected
         self.add(f'<tr data-count="balanced"{"" if balanced else " class=bad"}><th>in = kept + filtered + failed</th>'
                  f'<td>{"yes" if balanced else "NO: see summary.json"}</td></tr>')
         self.add("</table>")
-        if rows_in_metadata != n_in:
-            self.add(f'<p class="note">The metadata holds {rows_in_metadata} rows, summary.json counts {n_in}.</p>')
+        if rows_in_metadata != rows_expected:
+            self.add(f'<p class="note">The metadata holds {rows_in_metadata} rows, summary.json counts {rows_expected}.</p>')
         self.add("</section>")
 
     def histograms(self, rows: pd.DataFrame, scores: list[str], thresholds: dict) -> None:

@@ -72,3 +72,26 @@ def test_staging_returns_what_it_wrote(marked, tmp_path):
     again = writer_module.stage_partitions(marked, str(tmp_path / "staged"))
     assert again.skipped == 3 and again.stats == [None] * 3 and again.counts(only_kept=False) == [None] * 3
     assert [posixpath.basename(p) for p in again.paths] == [f"part-{i:05d}.parquet" for i in range(3)]
+
+
+def test_unreadable_shards_are_counted_apart_from_the_samples(tmp_path):
+    """A cut tar gives its samples' rows plus one error row for the shard (empty key), a file that
+    is no tar only the latter: those rows are shards, not samples, and 'samples in' counts samples."""
+    from tests.conftest import sample_entries, write_tar
+
+    (tmp_path / "in").mkdir()
+    data = write_tar(tmp_path / "in" / "a.tar", sample_entries("k", 3)).read_bytes()
+    member = data.index(b"k0002.jpg\0")
+    (tmp_path / "in" / "a.tar").write_bytes(data[: member + 512 + 100])  # cut inside k0002.jpg's bytes
+    (tmp_path / "in" / "b.tar").write_bytes(b"garbage" * 100)
+    frame = ic.read_webdataset(str(tmp_path / "in")).compute()
+    assert sorted(frame["key"]) == ["", "", "k0000", "k0001", "k0002"]
+
+    summary = ic.write_curated(ic.mark_kept(ic.read_webdataset(str(tmp_path / "in"))), str(tmp_path / "out"))
+    assert (summary.samples_in, summary.kept, sum(summary.failed.values()), summary.unreadable_shards) == (3, 2, 1, 2)
+    assert summary.balanced and "unreadable shards: 2" in summary.report()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["unreadable_shards"] == 2
+    from dask_imgcurator.report import write_report
+
+    html = open(write_report(str(tmp_path / "out"), thumbnails=0)).read()
+    assert 'data-count="unreadable_shards"' in html and "NO: see summary.json" not in html
