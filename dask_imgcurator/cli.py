@@ -26,7 +26,7 @@ from dask_imgcurator.io.shards import (
     write_dali_index,
 )
 from dask_imgcurator.io.writer import OutputExistsError, write_atomic
-from dask_imgcurator.pipeline import CurationSummary, mark_kept, write_curated
+from dask_imgcurator.pipeline import CurationSummary, check_curated_output, mark_kept, write_curated
 from dask_imgcurator.progress import run_tasks
 
 #: Exceptions whose message is meant for the user: printed without a traceback.
@@ -390,6 +390,7 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
+    _check_output(ddf, args)  # before a cluster starts
     with _curation_client(args, partitions=ddf.npartitions):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
@@ -535,12 +536,18 @@ def _summarise_shard(df) -> dict:
 
 def cmd_reshard(args: argparse.Namespace) -> int:
     ddf = mark_kept(read_webdataset(_input_shards(args.shards, args.out)))
+    _check_output(ddf, args)
     with _maybe_client(args.scheduler):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,
         )
     return _report(summary, args.out)
+
+
+def _check_output(ddf, args: argparse.Namespace) -> None:
+    check_curated_output(ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
+                         overwrite=args.overwrite)
 
 
 def _input_shards(specs: list[str], out: str) -> list[str]:

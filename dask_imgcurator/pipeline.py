@@ -23,11 +23,11 @@ from dask.base import tokenize
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
-from dask_imgcurator.io.writer import claim_output, finish_output, stage_and_write, write_atomic
+from dask_imgcurator.io.writer import check_output, claim_output, finish_output, stage_and_write, write_atomic
 from dask_imgcurator.progress import run_tasks
 from dask_imgcurator.schema import STRING
 
-__all__ = ["mark_kept", "write_curated", "CurationSummary", "error_kind"]
+__all__ = ["mark_kept", "write_curated", "check_curated_output", "CurationSummary", "error_kind"]
 
 SUMMARY = "summary.json"
 
@@ -163,7 +163,7 @@ def write_curated(
     if missing:
         raise ValueError(f"write_curated needs columns {sorted(missing)}; add them with mark_kept()")
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
-    fingerprint = tokenize(ddf, samples_per_shard, rekey)
+    fingerprint = _fingerprint(ddf, samples_per_shard, rekey)
     finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
     fs, root = url_to_fs(out_dir)
     if finished is not None:
@@ -182,6 +182,24 @@ def write_curated(
     write_atomic(fs, posixpath.join(root, SUMMARY), json.dumps(summary.to_dict(), indent=1).encode())
     finish_output(out_dir, fingerprint, {**params, "summary": summary.to_dict(), "parts": parts})
     return summary
+
+
+def check_curated_output(
+    ddf: dd.DataFrame, out_dir: str, *, samples_per_shard: int = 10_000, rekey: bool = False, overwrite: bool = False
+) -> None:
+    """Raise what :func:`write_curated` would raise about ``out_dir`` for ``ddf``, writing nothing.
+
+    For a check before costly work starts: the CLI calls it before it starts a cluster or submits
+    SLURM jobs, so that an output directory holding another run, foreign files, or one that cannot
+    be written is a one-line error at once.
+    """
+    params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
+    check_output(out_dir, _fingerprint(ddf, samples_per_shard, rekey), params, overwrite=overwrite)
+
+
+def _fingerprint(ddf: dd.DataFrame, samples_per_shard: int, rekey: bool) -> str:
+    """What identifies a run: its whole computation and the output's parameters."""
+    return tokenize(ddf, samples_per_shard, rekey)
 
 
 def _count(parts: list[str], known: list[tuple | None], progress: bool) -> CurationSummary:

@@ -286,3 +286,17 @@ def test_each_filter_must_be_complete_on_its_own(demo_input, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "invalid filter" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_dir_it_cannot_use_is_refused_before_a_cluster_starts(demo_input, tmp_path, capsys):
+    root, ref = demo_input
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["curate", str(root / "in"), "--out", str(out), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--offline", "--workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds files that this tool did not write (notes.txt)" in err
+    assert "dask dashboard" not in err  # printed once a cluster is up
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

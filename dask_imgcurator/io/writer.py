@@ -442,40 +442,70 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
     """Make ``out_dir`` ours for the run identified by ``fingerprint``.
 
     Returns the finished manifest when this same run already completed there, else None after
-    leaving a run marker. An output dir holding another run is refused unless ``overwrite`` (then
-    that run's files are removed), or unless that run wrote nothing but its marker (it failed
-    before its first part, e.g. on a wrong model name); one holding files that this tool did not
-    write is always refused, naming a few of them. ``params["samples_per_shard"]``, where given, is checked first,
-    so that a bad value claims nothing.
+    leaving a run marker (and, with ``overwrite``, removing an earlier run's files). Refuses as
+    :func:`check_output` does.
     """
+    fs, root = url_to_fs(out_dir)
+    verdict = _output_verdict(out_dir, fingerprint, params, overwrite)
+    if verdict == "finished":
+        return _read_json(fs, posixpath.join(root, MANIFEST))
+    if verdict == "resume":
+        return None
+    if verdict == "replace":
+        fs.rm(fs.ls(root, detail=False), recursive=True)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        write_atomic(fs, posixpath.join(root, RUN_MARKER), json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+    except OSError as exc:
+        raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
+    return None
+
+
+def check_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False) -> None:
+    """Raise what :func:`claim_output` would raise for this run, writing nothing.
+
+    For a check before costly work starts (a cluster, SLURM jobs). An output dir holding another
+    run is refused unless ``overwrite``, or unless that run wrote nothing but its marker (it failed
+    before its first part, e.g. on a wrong model name); one holding files that this tool did not
+    write is always refused, naming a few of them; ``params["samples_per_shard"]``, where given,
+    must be at least 1; a directory that cannot be created or written raises PermissionError.
+    """
+    if _output_verdict(out_dir, fingerprint, params, overwrite) in ("new", "replace"):
+        fs, root = url_to_fs(out_dir)
+        probe = posixpath.join(root, f"_write-check.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(probe, b"")
+            fs.rm(probe)
+        except OSError as exc:
+            raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
+
+
+def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: bool) -> str:
+    """What claiming ``out_dir`` means: "finished" (this run is complete there), "resume" (this run
+    started there), "replace" (an earlier run's files go), or "new"; raises where it is refused."""
     if "samples_per_shard" in params:
         _check_samples_per_shard(params["samples_per_shard"])
     fs, root = url_to_fs(out_dir)
     manifest = _read_json(fs, posixpath.join(root, MANIFEST))
-    marker = posixpath.join(root, RUN_MARKER)
-    previous = manifest or _read_json(fs, marker)
+    previous = manifest or _read_json(fs, posixpath.join(root, RUN_MARKER))
     if previous is not None and previous.get("fingerprint") == fingerprint:
-        return manifest
-    if fs.exists(root) and fs.ls(root):
-        foreign = _foreign_files(fs, root, previous is not None)
-        if foreign:
-            listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise OutputExistsError(
-                f"{out_dir} holds files that this tool did not write ({listed}); choose another output "
-                "directory (overwrite=True (--overwrite) only replaces the output of an earlier run)"
-            )
-        if not overwrite and (manifest is not None or _holds_work(fs, root)):
-            raise OutputExistsError(
-                f"{out_dir} already holds the output of a different run; choose another output directory "
-                "or pass overwrite=True (--overwrite) to replace it"
-            )
-        fs.rm(fs.ls(root, detail=False), recursive=True)
-    try:
-        fs.makedirs(root, exist_ok=True)
-        write_atomic(fs, marker, json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
-    except OSError as exc:
-        raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
-    return None
+        return "finished" if manifest is not None else "resume"
+    if not (fs.exists(root) and fs.ls(root)):
+        return "new"
+    foreign = _foreign_files(fs, root, previous is not None)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{out_dir} holds files that this tool did not write ({listed}); choose another output "
+            "directory (overwrite=True (--overwrite) only replaces the output of an earlier run)"
+        )
+    if not overwrite and (manifest is not None or _holds_work(fs, root)):
+        raise OutputExistsError(
+            f"{out_dir} already holds the output of a different run; choose another output directory "
+            "or pass overwrite=True (--overwrite) to replace it"
+        )
+    return "replace"
 
 
 #: Paths (relative to an output dir) of what :func:`to_webdataset` and ``write_curated`` write
