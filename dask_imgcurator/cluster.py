@@ -361,8 +361,9 @@ def _cpu_cluster(
     if s["local_directory"]:
         kwargs.setdefault("local_directory", s["local_directory"])
     with _housekeeping():
+        kwargs.setdefault("processes", True)
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=threads, processes=True, memory_limit=s["memory_limit"],
+            n_workers=workers, threads_per_worker=threads, memory_limit=s["memory_limit"],
             dashboard_address=dashboard_address, **kwargs,
         )
     plugins = _worker_plugins(torch_threads)

@@ -141,7 +141,9 @@ def write_curated(
     """Write a marked frame (see :func:`mark_kept`): metadata for all rows, shards of kept rows.
 
     Computes ``ddf`` once per partition. Resumable: re-running after an interruption skips
-    metadata parts and shards that are complete and produces the same files.
+    metadata parts and shards that are complete and produces the same files. A run is known by
+    its computation, so resume with the same lazy frame: a persisted one is named afresh in each
+    session (pass it unpersisted; it is computed once per partition anyway).
 
     Parameters
     ----------

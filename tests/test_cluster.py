@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -279,6 +280,10 @@ def test_local_cluster_default_layout_comes_from_cpu_workers_for(env, monkeypatc
     made.clear(), registered.clear()
     cl.local_cluster(3, gpu=False, max_workers=1)                  # an explicit count is kept
     assert made["n_workers"] == 3 and registered[0].threads == 1
+    assert made["processes"] is True
+    made.clear(), registered.clear()
+    cl.local_cluster(1, gpu=False, processes=False)                # LocalCluster's own keywords pass through
+    assert made["processes"] is False
 
 
 def test_cli_caps_default_local_workers_at_the_number_of_input_shards(monkeypatch):
@@ -396,6 +401,19 @@ def test_pipeline_runs_in_a_users_running_client_beside_unrelated_work(demo, tmp
         assert ran_on <= set(client.scheduler_info()["workers"]) and stream.data
     assert summary.balanced and summary.samples_in == 18
     assert_same_output(tmp_path / "dist", tmp_path / "local")
+
+
+def test_an_embedded_frame_merges_under_a_client_with_task_shuffles(demo):
+    """As the README says: dask's P2P shuffle cannot rebuild the embedding column's fixed-size-list
+    dtype, the task-based shuffle carries it."""
+    root, ref = demo
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        scored = ic.embed(ic.read_webdataset(str(root / "in")), ref, decoder="pillow")
+        labels = dd.from_pandas(pd.DataFrame({"key": scored["key"].compute(), "label": 1}), npartitions=2)
+        merged = scored.merge(labels, on="key", shuffle_method="tasks").compute()
+    assert len(merged) == 18 and merged["label"].eq(1).all()
+    assert merged["embedding"].dtype == scored["embedding"].dtype
 
 
 def _has_profiler(dask_worker) -> bool:
