@@ -20,13 +20,14 @@ from .heads import AestheticHead, HeadSpec, NsfwHead, ScoreHead, head_spec, load
 from .manage import ModelRow, download_models, list_models
 from .ref import ClipRef
 from .source import ModelSource, as_model_source
-from .store import UnsafeWeightsError, WeightsNotFoundError, WeightsVerificationError
+from .store import DamagedWeightsError, UnsafeWeightsError, WeightsNotFoundError, WeightsVerificationError
 from .tiny import make_tiny_model_dir
 
 __all__ = [
     "AestheticHead",
     "ClipRef",
     "CustomModel",
+    "DamagedWeightsError",
     "HeadSpec",
     "LoadedModel",
     "ModelInfo",

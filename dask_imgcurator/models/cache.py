@@ -21,8 +21,8 @@ class _Slot:
         self.value: Any = None
 
 
-def _slots() -> dict[Hashable, _Slot]:
-    worker = current_worker()
+def _slots(worker: Any = None) -> dict[Hashable, _Slot]:
+    worker = current_worker() if worker is None else worker
     if worker is None:
         return _PROCESS_SLOTS
     with _GUARD:
@@ -68,8 +68,22 @@ def get_cached(key: Hashable, loader: Callable[[], T]) -> T:
         return slot.value
 
 
-def clear_cache() -> None:
-    """Drop every cached value of the current worker (or process), e.g. to free GPU memory."""
-    slots = _slots()
+def clear_cache(dask_worker: Any = None) -> None:
+    """Drop every cached value of a worker (or of this process), e.g. to free GPU memory.
+
+    Parameters
+    ----------
+    dask_worker : distributed.Worker, optional
+        The worker whose models to drop. ``client.run(clear_cache)`` passes each worker
+        here, so it clears every worker of a cluster. By default: the worker running the
+        calling task, or this process's cache outside one.
+
+    Examples
+    --------
+    >>> clear_cache()  # this process (or the current task's worker)
+
+    With a ``distributed.Client``, ``client.run(clear_cache)`` clears all workers.
+    """
+    slots = _slots(dask_worker)
     with _GUARD:
         slots.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +21,16 @@ from .encoder import LoadedModel, ModelInfo, OneDnnMismatch
 from .onednn import onednn_mode
 from .ref import LOCAL_DIR_PREFIX, ClipRef
 from ..decode.preprocess import preprocess_spec_from_open_clip
-from .store import UnsafeWeightsError, WeightsNotFoundError, check_online, is_offline, search_roots
+from .store import (
+    READ_ERRORS,
+    DamagedWeightsError,
+    WeightsNotFoundError,
+    check_online,
+    is_offline,
+    search_roots,
+    share_mode,
+    weights_load_error,
+)
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -49,6 +57,9 @@ def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str =
         Weights are missing and cannot be downloaded.
     UnsafeWeightsError
         A checkpoint file holds pickled objects other than tensors.
+    DamagedWeightsError
+        A weights or config file is empty, truncated or not what it should be (a
+        ``WeightsNotFoundError``; the message names the file).
     """
     key = ("clip", ref, str(device), precision)
     return get_cached(key, lambda: _load(ref, device, precision))
@@ -110,16 +121,20 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
     if ref.kind == "file":
         try:
             model = open_clip.create_model(ref.name, pretrained=ref.pretrained, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UnsafeWeightsError(
-                f"refusing to load {ref.pretrained}: it is not a plain tensor state dict, and loading "
-                f"it could run arbitrary code ({str(err).splitlines()[0]})"
-            ) from None
+        except READ_ERRORS as err:
+            if _is_key_mismatch(err):
+                raise
+            raise weights_load_error(Path(str(ref.pretrained)).expanduser(), err) from None
         cfg = model_cfg(ref)
     else:
         path = clip_dir(ref)
-        model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
-        cfg = _read_config(path)["model_cfg"]
+        cfg = _read_config(path)["model_cfg"]  # names the file when it is damaged
+        try:
+            model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
+        except READ_ERRORS as err:
+            if _is_key_mismatch(err):
+                raise
+            raise weights_load_error(path / WEIGHTS_FILE, err) from None
     info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
     return model.visual, info
 
@@ -164,8 +179,21 @@ def _local_dir(ref: ClipRef) -> Path | None:
     return next((path for path in _candidates(ref) if is_clip_dir(path)), None)
 
 
+def _is_key_mismatch(err: BaseException) -> bool:
+    """Whether ``err`` is torch's state-dict mismatch (weights read fine, for another model)."""
+    return isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict")
+
+
 def _read_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / CONFIG_FILE).read_text())
+    """The open_clip config of the model folder ``path``; ``DamagedWeightsError`` naming it if unreadable."""
+    file = path / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedWeightsError.of(file, f"it is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise DamagedWeightsError.of(file, "it has no model_cfg object")
+    return config
 
 
 def is_clip_dir(path: Path) -> bool:
@@ -225,6 +253,7 @@ def save_clip_dir(model: torch.nn.Module, cfg: dict[str, Any], path: Path) -> No
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
+    share_mode(path / WEIGHTS_FILE)
 
 
 def clip_info(ref: ClipRef) -> ModelInfo:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from dask.base import tokenize
 
 from ..decode.base import PreprocessSpec
 from .cache import get_cached
@@ -48,7 +49,9 @@ class CustomModel:
 
     def load(self, device: str = "cpu", precision: str = "fp32") -> LoadedModel:
         """Run the factory (once per worker, device and precision) and wrap its result."""
-        key = ("custom", self.name, self.embed_dim, str(device), precision)
+        # the factory and preprocessing are part of the key: a name reused for another model
+        # (or a fixed factory) must not get the first one's cached encoder
+        key = ("custom", self.name, tokenize(self.factory, self.preprocess), self.embed_dim, str(device), precision)
         return get_cached(key, lambda: LoadedModel(self.factory(), self.info(), device, precision))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dask.base import tokenize
 from torch import nn
 
 from .cache import get_cached
@@ -232,11 +233,41 @@ def head_spec(name: str) -> HeadSpec:
         raise ValueError(f"unknown head {name!r}; registered heads: {sorted(_REGISTRY)}") from None
 
 
-class ScoreHead(nn.Module):
-    """A head on a device, run in inference mode, returning (N,) float32 scores."""
+class _FunctionHead(nn.Module):
+    """A plain function of the embeddings, as a module."""
 
-    def __init__(self, name: str, inner: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """The embedding width ``module`` takes, where it says (``in_dim``) or its first Linear does."""
+    width = getattr(module, "in_dim", None)
+    if isinstance(width, int):
+        return width
+    return next((m.in_features for m in module.modules() if isinstance(m, nn.Linear)), None)
+
+
+class ScoreHead(nn.Module):
+    """A head on a device, run in inference mode, returning (N,) float32 scores.
+
+    ``inner`` is an ``nn.Module`` or a plain function of the (N, D) float32 embeddings.
+    """
+
+    def __init__(self, name: str, inner: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        if not isinstance(inner, nn.Module):
+            if not callable(inner):
+                raise TypeError(
+                    f"head {name!r}: its factory returned {type(inner).__name__}, expected an nn.Module "
+                    "or a function mapping (N, D) embeddings to N scores"
+                )
+            inner = _FunctionHead(inner)
         self.name = name
         self.device = torch.device(device)
         self.inner = inner.eval().requires_grad_(False).float().to(self.device)
@@ -244,7 +275,18 @@ class ScoreHead(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         x = embeddings.to(self.device, torch.float32)
         with torch.inference_mode():
-            out = self.inner(x)
+            try:
+                out = self.inner(x)
+            except RuntimeError as err:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
+                expected = _input_width(self.inner)
+                if expected is not None and x.ndim == 2 and expected != x.shape[1]:
+                    raise ValueError(
+                        f"head {self.name!r} expects {expected}-d embeddings but got {x.shape[1]}-d; "
+                        "use a matching model or build the head for its width (the factory's in_dim)"
+                    ) from err
+                raise
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"head {self.name!r} returned {type(out).__name__}, expected a tensor of N scores")
         if out.numel() != len(x):
             raise ValueError(f"head {self.name!r} returned shape {tuple(out.shape)} for {len(x)} embeddings")
         return out.reshape(len(x)).float()
@@ -284,7 +326,8 @@ def load_head(
     """
     spec = name if isinstance(name, HeadSpec) else head_spec(name)
     store = {"model_dir": model_dir, "cache_dir": cache_dir, "offline": offline}
-    key = ("head", spec.name, embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
+    # the factory's token is in the key: ``register_head`` may replace a name's factory
+    key = ("head", spec.name, tokenize(spec.factory), embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
     return get_cached(
         key, lambda: ScoreHead(spec.name, spec.factory(embed_dim, clip_name=clip_name, **store), device)
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import open_clip
 
-from .clip import CONFIG_FILE, clip_dir, clip_info, is_clip_dir
+from .clip import CONFIG_FILE, _read_config, clip_dir, clip_info, is_clip_dir
 from .heads import head_entry, head_weights
 from .ref import HF_HUB_PREFIX, HF_HUB_SLUG_PREFIX, LOCAL_DIR_PREFIX, ClipRef
-from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, is_offline, locate, search_roots
+from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, DamagedWeightsError, is_offline, locate, search_roots
 
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_HEADS = ("aesthetic", "nsfw")
@@ -58,7 +57,9 @@ class ModelRow:
 
     ``kind`` is ``"clip"`` or ``"head"``; ``name`` the CLIP slug or ``head/slug``;
     ``location`` the local path (None: not present); ``source`` where it downloads from;
-    ``model`` (CLIP rows only) the text to pass as ``--model`` / ``ClipRef.parse``.
+    ``model`` (CLIP rows only) the text to pass as ``--model`` / ``ClipRef.parse``;
+    ``problem`` why a present folder cannot be used (its config is damaged), also noted
+    after the path in ``location``.
     """
 
     kind: str
@@ -67,6 +68,7 @@ class ModelRow:
     location: str | None
     source: str
     model: str | None = None
+    problem: str | None = None
 
 
 def list_models(
@@ -88,8 +90,14 @@ def list_models(
     for root in reversed(search_roots(model_dir, cache_dir)):
         for path in sorted((root / "clip").glob("*")):
             if is_clip_dir(path):
-                dim = json.loads((path / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"]
-                _present(rows, "clip", path.name, dim, path, model=model_text(path))
+                dim, problem = None, None
+                try:
+                    dim = int(_read_config(path)["model_cfg"]["embed_dim"])
+                except DamagedWeightsError as err:
+                    problem = str(err)
+                except (KeyError, TypeError, ValueError):
+                    problem = f"{path / CONFIG_FILE} is damaged: it has no model_cfg.embed_dim"
+                _present(rows, "clip", path.name, dim, path, model=model_text(path), problem=problem)
         for path in sorted((root / "heads").glob("*/*")):
             if path.suffix in WEIGHT_SUFFIXES:
                 _present(rows, "head", f"{path.parent.name}/{path.stem}", None, path)
@@ -131,12 +139,20 @@ def model_text(clip_dir: Path) -> str:
     return LOCAL_DIR_PREFIX + str(clip_dir)
 
 
-def _present(rows: dict, kind: str, name: str, dim: int | None, path: Path, model: str | None = None) -> None:
+def _present(
+    rows: dict, kind: str, name: str, dim: int | None, path: Path, model: str | None = None,
+    problem: str | None = None,
+) -> None:
+    location = str(path)
+    if problem is not None:
+        location += f" (DAMAGED: {CONFIG_FILE} unreadable; re-download or replace it)"
     old = rows.get((kind, name))
     if old is None:
-        rows[kind, name] = ModelRow(kind, name, dim, str(path), "local only", model)
+        rows[kind, name] = ModelRow(kind, name, dim, location, "local only", model, problem)
     else:
-        rows[kind, name] = dataclasses.replace(old, location=str(path), embed_dim=old.embed_dim or dim)
+        rows[kind, name] = dataclasses.replace(
+            old, location=location, embed_dim=old.embed_dim or dim, problem=problem
+        )
 
 
 def check_weights(ref: ClipRef, heads: Sequence[str]) -> None:

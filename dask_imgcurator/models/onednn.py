@@ -445,13 +445,37 @@ def remembered_timing(key: str, measure: Callable[[], KernelTiming], path: str |
 
 
 def _read_timings(path: Path) -> dict[str, KernelTiming]:
+    """The well-formed entries of ``path``; a damaged file or entry counts as never measured."""
     try:
         stored = json.loads(path.read_text())
-        return {key: KernelTiming(**value) for key, value in stored.items()}
     except FileNotFoundError:
         return {}
-    except (ValueError, TypeError, AttributeError):  # damaged or from another version: measure afresh
+    except ValueError:  # damaged (not JSON, not UTF-8): measure afresh
         return {}
+    if not isinstance(stored, dict):
+        return {}
+    known = {}
+    for key, value in stored.items():
+        timing = _timing_entry(value)
+        if timing is None:
+            log.info("ignoring the malformed or foreign kernel timing %r in %s: measuring it again", key, path)
+        else:
+            known[key] = timing
+    return known
+
+
+def _timing_entry(value: object) -> KernelTiming | None:
+    """The ``KernelTiming`` stored as ``value``, or None where it is not exactly one of ours."""
+    fields = [f.name for f in dataclasses.fields(KernelTiming)]
+    if not isinstance(value, dict) or sorted(value) != sorted(fields):
+        return None  # another layout (an older or newer method's entry)
+    ms = [value["plain_ms"], value["packed_ms"]]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in ms):
+        return None
+    layers = value["layers"]
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        return None
+    return KernelTiming(float(ms[0]), float(ms[1]), layers)
 
 
 def _write_timings(path: Path, timings: dict[str, KernelTiming]) -> None:

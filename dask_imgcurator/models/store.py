@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError as _SafetensorError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
 _TRUE = ("1", "true", "yes", "on")
@@ -41,6 +42,22 @@ class WeightsNotFoundError(FileNotFoundError):
         """The error for ``what``, listing where it was looked for, why, and how to prepare it."""
         places = "\n".join(f"  {p}" for p in looked) or "  (nowhere)"
         return cls(f"{what} not found. Looked in:\n{places}\n{reason}\n{_PREPARE_HINT}")
+
+
+class DamagedWeightsError(WeightsNotFoundError):
+    """A weights (or config) file is there but unreadable: empty, truncated or not weights at all.
+
+    A ``WeightsNotFoundError``: no usable copy was found, and the cure is the same, a fresh
+    download or a good copy in place of the file.
+    """
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, reason: str) -> DamagedWeightsError:
+        """The error for the damaged file ``path``, saying why it cannot be read and what to do."""
+        return cls(
+            f"{path} is damaged (truncated or incomplete download?) and cannot be read: {reason}. "
+            "Delete it and download it again (`imgcurator models download`), or replace it with a good copy."
+        )
 
 
 class WeightsVerificationError(RuntimeError):
@@ -248,6 +265,26 @@ def check_online(what: str, looked: list[Path], offline: bool | None) -> None:
         raise WeightsNotFoundError.missing(what, looked, f"Downloads are disabled ({why}).")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the OS tells (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def share_mode(path: str | os.PathLike) -> None:
+    """Give the file ``path`` the mode a new file gets from the umask (``0o666 & ~umask``).
+
+    safetensors (and temporary files) write 0600, which other users of a shared model dir
+    cannot read; call this after saving a weights file.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def download(source: Source, dest: Path) -> None:
     """Download ``source`` to ``dest`` atomically, verifying size/SHA-256 and unzipping ``member``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +296,7 @@ def download(source: Source, dest: Path) -> None:
                 fetched = Path(tmp) / "member"
                 with open(fetched, "wb") as out:
                     shutil.copyfileobj(src, out)
+        share_mode(fetched)
         os.replace(fetched, dest)
 
 
@@ -291,6 +329,49 @@ def verify(path: Path, size: int | None, sha256: str | None, what: str) -> None:
             raise WeightsVerificationError(f"{what}: SHA-256 {digest.hexdigest()} does not match {sha256}")
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The line of a torch/safetensors load error that says what was wrong (not its boilerplate)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    marked = [ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln]
+    plain = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE + ("(",))]
+    line = next((ln for ln in marked + plain if ln), lines[0] if lines else "")
+    return line.split(". ")[0].rstrip(".") or f"{type(err).__name__} (the file ends early)"
+
+
+def weights_load_error(path: str | os.PathLike, err: BaseException) -> Exception:
+    """The user-facing error for ``err``, raised while reading the weights file ``path``.
+
+    ``UnsafeWeightsError`` for a pickle that ``torch.load(weights_only=True)`` refused,
+    ``DamagedWeightsError`` for a file that is empty, truncated or no weights file at all
+    (an HTML error page saved as ``.pth``), both naming the file and PyTorch's reason.
+    """
+    path = Path(path)
+    reason = _torch_reason(err)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if not head:
+        return DamagedWeightsError.of(path, "the file is empty")
+    looks_like_torch = head.startswith((b"PK\x03\x04", b"\x80"))  # zip (torch.save) or pickle protocol 2+
+    if isinstance(err, pickle.UnpicklingError) and (looks_like_torch or "global" in reason.lower()):
+        return UnsafeWeightsError(
+            f"refusing to load {path}: it is not a plain tensor state dict, and loading it could "
+            "run arbitrary code. Only .safetensors files and torch.save(state_dict) files are "
+            f"accepted. (torch.load(weights_only=True) said: {reason})"
+        )
+    if not looks_like_torch and path.suffix != ".safetensors":
+        reason = f"it is not a PyTorch weights file ({reason})"
+    return DamagedWeightsError.of(path, reason)
+
+
+READ_ERRORS: tuple[type[BaseException], ...] = (pickle.UnpicklingError, EOFError, RuntimeError, _SafetensorError)
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a tensor state dict from ``.safetensors`` or a ``torch.save`` file, never running pickled code.
 
@@ -299,20 +380,18 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     UnsafeWeightsError
         The file holds Python objects other than tensors (``torch.load(weights_only=True)``
         refuses it; nothing in it is executed).
+    DamagedWeightsError
+        The file is empty, truncated or not a weights file; the message names it.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeWeightsError(
-            f"refusing to load {path}: it is not a plain tensor state dict, and loading it could "
-            "run arbitrary code. Only .safetensors files and torch.save(state_dict) files are "
-            f"accepted. (torch.load(weights_only=True) said: {str(err).splitlines()[0]})"
-        ) from None
+    except READ_ERRORS as err:
+        raise weights_load_error(path, err) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

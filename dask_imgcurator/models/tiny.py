@@ -14,6 +14,7 @@ from ..decode.base import OPENAI_MEAN, OPENAI_STD
 from .clip import save_clip_dir
 from .heads import AestheticHead, Head, NsfwHead
 from .ref import ClipRef
+from .store import share_mode
 
 TINY_NAME = "imgcurator-tiny"
 
@@ -98,3 +99,4 @@ def make_tiny_model_dir(
 def _save_head(head: Head, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+    share_mode(path)

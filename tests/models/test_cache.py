@@ -6,7 +6,7 @@ import time
 import distributed
 import pytest
 
-from dask_imgcurator.models import ClipRef, get_cached, load_clip
+from dask_imgcurator.models import ClipRef, clear_cache, get_cached, load_clip
 from dask_imgcurator.models.cache import _ATTR
 
 
@@ -65,3 +65,20 @@ def test_values_live_on_the_dask_worker() -> None:
         processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
     ) as client:
         assert client.submit(_load_on_worker, calls, pure=False).result() == 11
+
+
+def _cached_keys(dask_worker) -> int:
+    return len(getattr(dask_worker, _ATTR, {}))
+
+
+def test_client_run_clear_cache_clears_the_workers() -> None:
+    with distributed.LocalCluster(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:
+        client.submit(_load_on_worker, [], pure=False).result()
+        assert list(client.run(_cached_keys).values()) == [1]
+        client.run(clear_cache)
+        assert list(client.run(_cached_keys).values()) == [0]
+        client.submit(_load_on_worker, [], pure=False).result()
+        client.submit(clear_cache, pure=False).result()  # inside a task: that task's worker
+        assert list(client.run(_cached_keys).values()) == [0]

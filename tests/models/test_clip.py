@@ -11,6 +11,7 @@ from open_clip.transformer import QuickGELU
 from dask_imgcurator.decode.base import OPENAI_MEAN, OPENAI_STD, PreprocessSpec
 from dask_imgcurator.models import (
     ClipRef,
+    DamagedWeightsError,
     UnsafeWeightsError,
     WeightsNotFoundError,
     load_clip,
@@ -188,3 +189,23 @@ def test_malicious_checkpoint_is_refused(
     with pytest.raises(UnsafeWeightsError, match="refusing to load"):
         ClipRef.parse(str(tmp_path / "evil.pt"), name=name).load()
     assert not marker.exists()
+
+
+def test_damaged_clip_files_are_named(tiny: ClipRef) -> None:
+    weights = clip_dir(tiny) / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(DamagedWeightsError, match=rf"{weights}.*damaged.*download it again"):
+        tiny.load()
+    config = clip_dir(tiny) / "open_clip_config.json"
+    config.write_text(config.read_text()[:50])
+    for call in (tiny.load, tiny.info):
+        with pytest.raises(DamagedWeightsError, match=rf"{config}.*not valid JSON"):
+            call()
+
+
+def test_damaged_checkpoint_file_is_named(monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path) -> None:
+    name = _register_tiny_architecture(monkeypatch, tiny)
+    for data in (b"", b"<html>404 Not Found</html>"):
+        (tmp_path / "ckpt.pt").write_bytes(data)
+        with pytest.raises(DamagedWeightsError, match=r"ckpt\.pt is damaged"):
+            ClipRef.parse(str(tmp_path / "ckpt.pt"), name=name).load()

@@ -63,3 +63,17 @@ def test_wrong_output_width_is_reported() -> None:
     model = custom_model(_factory, PreprocessSpec(size=8), embed_dim=5, name="wrong-width")
     with pytest.raises(ValueError, match=r"returned shape \(2, 6\), expected \(2, 5\)"):
         model.load().encode(torch.rand(2, 3, 8, 8))
+
+
+def _negated_factory():
+    return lambda pixels: -pixels.mean(dim=(2, 3))
+
+
+def test_same_name_with_another_factory_or_preprocess_is_not_served_from_the_cache() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    first = custom_model(_plain_function_factory, PreprocessSpec(size=8), embed_dim=3, name="reused")
+    negated = custom_model(_negated_factory, PreprocessSpec(size=8), embed_dim=3, name="reused")
+    resized = custom_model(_plain_function_factory, PreprocessSpec(size=16), embed_dim=3, name="reused")
+    torch.testing.assert_close(negated.load().encode(x), -first.load().encode(x))
+    assert resized.load().preprocess.size == 16 and first.load().preprocess.size == 8
+    assert first.load() is first.load()

@@ -200,3 +200,58 @@ def test_heads_are_cached_per_key(tmp_path: Path) -> None:
         return load_head("aesthetic", 768, "ViT-L-14-openai", model_dir=str(tmp_path), device=device)
 
     assert load() is load() and load("meta") is not load()
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(e),), self.value)
+
+
+def _one_head(in_dim: int, **store) -> nn.Module:
+    return _Constant(1.0)
+
+
+def _two_head(in_dim: int, **store) -> nn.Module:
+    return _Constant(2.0)
+
+
+def test_replaced_head_factory_is_not_served_from_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heads, "_REGISTRY", dict(heads._REGISTRY))
+    x = _embeddings(2, 4)
+    first = register_head("replaced", _one_head)
+    assert load_head(first, 4, "enc")(x).tolist() == [1.0, 1.0]
+    second = register_head("replaced", _two_head)
+    assert load_head(second, 4, "enc")(x).tolist() == [2.0, 2.0]
+    assert load_head("replaced", 4, "enc")(x).tolist() == [2.0, 2.0]
+    assert load_head(first, 4, "enc") is load_head(first, 4, "enc")
+
+
+def _fixed_width_head(in_dim: int, **store) -> nn.Module:
+    return nn.Linear(768, 1)  # ignores in_dim
+
+
+def _function_head(in_dim: int, **store):
+    return lambda e: e.sum(dim=1)
+
+
+def _no_head(in_dim: int, **store):
+    return None
+
+
+def test_custom_head_of_another_width_names_both_widths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heads, "_REGISTRY", dict(heads._REGISTRY))
+    head = load_head(register_head("fixed-768", _fixed_width_head), 32, "tiny")
+    with pytest.raises(ValueError, match=r"head 'fixed-768' expects 768-d embeddings but got 32-d"):
+        head(_embeddings(2, 32))
+
+
+def test_head_factory_returning_a_function_works_and_none_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heads, "_REGISTRY", dict(heads._REGISTRY))
+    x = _embeddings(3, 8)
+    torch.testing.assert_close(load_head(register_head("summed", _function_head), 8, "enc")(x), x.sum(dim=1))
+    with pytest.raises(TypeError, match=r"head 'nothing': its factory returned NoneType, expected an nn.Module"):
+        load_head(register_head("nothing", _no_head), 8, "enc")

@@ -7,7 +7,14 @@ import open_clip
 import pytest
 import torch
 
-from dask_imgcurator.models import ClipRef, WeightsNotFoundError, download_models, list_models, store
+from dask_imgcurator.models import (
+    ClipRef,
+    WeightsNotFoundError,
+    download_models,
+    list_models,
+    make_tiny_model_dir,
+    store,
+)
 from dask_imgcurator.models.clip import clip_dir
 from dask_imgcurator.models.manage import check_weights, model_text
 
@@ -147,3 +154,15 @@ def test_check_weights_offline_refuses_missing_downloads(tmp_path: Path) -> None
     ref = ClipRef.parse("ViT-L-14/openai", model_dir=str(tmp_path), offline=True)
     with pytest.raises(WeightsNotFoundError, match="Downloads are disabled"):
         check_weights(ref, [])
+
+
+def test_list_models_marks_a_damaged_folder_and_lists_the_rest(tiny: ClipRef, tmp_path: Path) -> None:
+    other = make_tiny_model_dir(tiny.model_dir, embed_dim=48, seed=1)
+    config = Path(tiny.model_dir) / "clip" / tiny.slug / "open_clip_config.json"
+    config.write_text(config.read_text()[:40])
+    rows = {row.name: row for row in list_models(tiny.model_dir)}
+    damaged = rows[tiny.slug]
+    assert damaged.embed_dim is None and "DAMAGED" in damaged.location
+    assert str(config) in damaged.problem and "not valid JSON" in damaged.problem
+    assert rows[other.slug].embed_dim == 48 and rows[other.slug].problem is None
+    assert rows[f"aesthetic/{other.slug}"].embed_dim == 48

@@ -370,6 +370,27 @@ def test_remembered_timing_reads_what_it_wrote_and_survives_a_damaged_file(tmp_p
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"plain_ms": None, "packed_ms": 1.0, "layers": 3},
+        {"plain_ms": "0.4", "packed_ms": 1.0, "layers": 3},
+        {"plain_ms": 1.0, "packed_ms": 2.0, "layers": 3, "method": "v2"},
+        {"plain_ms": 1.0, "packed_ms": 2.0},
+        {"plain_ms": 1.0, "packed_ms": 2.0, "layers": True},
+        [1.0, 2.0, 3],
+    ],
+)
+def test_a_bad_timing_entry_is_measured_again_and_the_others_kept(tmp_path, bad) -> None:
+    path = tmp_path / "timings.json"
+    good = {"plain_ms": 5.0, "packed_ms": 1.0, "layers": 3}
+    path.write_text(json.dumps({"bad": bad, "good": good}))
+    assert remembered_timing("good", lambda: pytest.fail("measured again"), path) == KernelTiming(5.0, 1.0, 3)
+    timing = remembered_timing("bad", lambda: KernelTiming(9.0, 1.0, 3), path)
+    assert timing == KernelTiming(9.0, 1.0, 3) and timing.packed_faster
+    assert json.loads(path.read_text()) == {"bad": {"plain_ms": 9.0, "packed_ms": 1.0, "layers": 3}, "good": good}
+
+
 def test_remembered_timing_measures_each_time_where_it_cannot_write(tmp_path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -10,6 +10,7 @@ import torch
 
 from dask_imgcurator.models import (
     ClipRef,
+    DamagedWeightsError,
     UnsafeWeightsError,
     WeightsNotFoundError,
     WeightsVerificationError,
@@ -160,3 +161,73 @@ def test_errors_survive_pickling_back_from_workers(tmp_path: Path) -> None:
         resolve(WeightFile("w", "heads/x/m"), cache_dir=tmp_path)
     copy = pickle.loads(pickle.dumps(err.value))
     assert type(copy) is WeightsNotFoundError and str(copy) == str(err.value)
+
+
+def _damaged_files(tmp_path: Path) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    state = {"w": torch.arange(64, dtype=torch.float32)}
+    save_file(state, tmp_path / "good.safetensors")
+    torch.save(state, tmp_path / "good.pth")
+    files = {
+        "truncated.safetensors": (tmp_path / "good.safetensors").read_bytes()[:40],
+        "empty.pth": b"",
+        "truncated.pth": (tmp_path / "good.pth").read_bytes()[:100],
+        "page.pth": b"<html>404 Not Found</html>",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_damaged_weights_name_the_file_and_say_what_to_do(tmp_path: Path) -> None:
+    for name, path in _damaged_files(tmp_path).items():
+        with pytest.raises(DamagedWeightsError) as err:
+            load_state_dict(path)
+        message = str(err.value)
+        assert str(path) in message and "damaged" in message and "download it again" in message, name
+        assert isinstance(err.value, WeightsNotFoundError)  # the CLI prints it as one line
+        assert "arbitrary code" not in message
+        assert type(pickle.loads(pickle.dumps(err.value))) is DamagedWeightsError
+    with pytest.raises(DamagedWeightsError, match="the file is empty"):
+        load_state_dict(tmp_path / "empty.pth")
+    with pytest.raises(DamagedWeightsError, match="not a PyTorch weights file"):
+        load_state_dict(tmp_path / "page.pth")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_refused_pickles_keep_pytorchs_reason(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"w": Payload(marker)}, tmp_path / "evil.pth")
+    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"w": Payload(marker)}, protocol=4))
+    with pytest.raises(UnsafeWeightsError, match=r"evil\.pth.*arbitrary code.*said: .*(posix|os)\.system"):
+        load_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(UnsafeWeightsError, match=r"raw\.pth.*arbitrary code"):
+        load_state_dict(tmp_path / "raw.pth")
+    assert not marker.exists()
+
+
+def test_saved_weights_get_the_umask_mode_not_0600(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    from dask_imgcurator.models import make_tiny_model_dir
+
+    def private_fetch(source: Source, tmp: Path) -> Path:  # as hub downloads can leave them
+        target = tmp / "download"
+        torch.save(_original_aesthetic_state(), target)
+        target.chmod(0o600)
+        return target
+
+    monkeypatch.setattr(store, "_fetch", private_fetch)
+    old = os.umask(0o027)
+    try:
+        ref = make_tiny_model_dir(tmp_path / "models")
+        dest = tmp_path / "cache" / "head.pth"
+        store.download(Source(url="https://example.invalid/head.pth"), dest)
+    finally:
+        os.umask(old)
+    weights = sorted((tmp_path / "models").rglob("*.safetensors"))
+    assert len(weights) == 3, weights  # CLIP and both heads
+    for path in [*weights, dest]:
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    assert ref.load() is not None
