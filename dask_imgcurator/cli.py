@@ -390,7 +390,8 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
-    _check_output(ddf, args)  # before a cluster starts
+    _check_precision(args)  # these two before a cluster starts
+    _check_output(ddf, args)
     with _curation_client(args, partitions=ddf.npartitions):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
@@ -543,6 +544,20 @@ def cmd_reshard(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, progress=True,
         )
     return _report(summary, args.out)
+
+
+def _check_precision(args: argparse.Namespace) -> None:
+    """fp16 on a local cluster of a machine without a GPU: refused before the cluster starts and loads models."""
+    opt = lambda name: getattr(args, name, None)  # noqa: E731
+    if args.precision != "fp16" or opt("scheduler") or opt("cluster_config"):
+        return  # the workers are elsewhere, or a config file may name another kind of cluster
+    from dask_imgcurator import config
+
+    if config.get("cluster.kind", opt("cluster")) in (None, "auto", "local"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--precision fp16 needs a GPU, and this machine has none; use bf16 or fp32 on the CPU")
 
 
 def _check_output(ddf, args: argparse.Namespace) -> None:

@@ -300,3 +300,16 @@ def test_an_output_dir_it_cannot_use_is_refused_before_a_cluster_starts(demo_inp
     assert "holds files that this tool did not write (notes.txt)" in err
     assert "dask dashboard" not in err  # printed once a cluster is up
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_fp16_without_a_gpu_is_refused_before_a_cluster_starts(demo_input, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root, ref = demo_input
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--offline", "--precision", "fp16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--precision fp16 needs a GPU" in err and "dask dashboard" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
