@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
+        _ignore_half_made_futures()
         print("\ninterrupted: completed work is kept; run the same command again to resume", file=sys.stderr)
         return 130
     except USER_ERRORS + _late_user_errors() as exc:
@@ -60,6 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_half_made_futures() -> None:
+    """Keep quiet a distributed ``Future`` that the interrupt cut off inside its ``__init__``.
+
+    Its ``__del__`` then fails on the attributes ``__init__`` never set, and Python prints that
+    as "Exception ignored ... Traceback" after our one-line message; the future held nothing.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        where = unraisable.object
+        if (isinstance(unraisable.exc_value, AttributeError) and getattr(where, "__qualname__", "") == "Future.__del__"
+                and getattr(where, "__module__", "").startswith("distributed")):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _positive_int(text: str) -> int:
