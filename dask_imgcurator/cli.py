@@ -232,7 +232,7 @@ def _add_curate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-draft", dest="draft", action="store_false",
         help="decode every JPEG at full size (default: JPEGs of 4x the model's input or more are decoded at "
-        "1/2-1/8 scale, faster and within 0.1 of open_clip's pixels)",
+        "1/2-1/8 scale, faster and within 0.13 of open_clip's pixels)",
     )
     p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")

@@ -114,7 +114,7 @@ class DaliDecoder:
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through Pillow's
         draft mode, on ``num_threads`` threads) while their shorter side stays at least twice the
         output: on the CPU such JPEGs skip DALI, which always decodes and resizes the full
-        image (1.7x faster on photos of 900+ px, pixels within 0.09 of open_clip's). On the GPU
+        image (1.7x faster on photos of 900+ px, pixels within 0.13 of open_clip's). On the GPU
         it only affects JPEGs that Pillow decodes anyway (CMYK, DALI failures).
     """
 

@@ -100,7 +100,7 @@ def embed(
     draft : bool
         Decode JPEGs whose shorter side is at least 4x the model's input at 1/2, 1/4 or 1/8
         scale (libjpeg's DCT scaling; on CPU workers such JPEGs skip DALI, which always decodes
-        full size). Faster on large photos, pixels within 0.1 (normalised units) of open_clip's
+        full size). Faster on large photos, pixels within 0.13 (normalised units) of open_clip's
         preprocessing; ``False`` decodes everything at full size.
     model_dir, cache_dir, offline :
         Where weights are looked up (see :mod:`dask_imgcurator.models.store`); used when

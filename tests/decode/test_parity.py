@@ -182,6 +182,15 @@ def test_aspect_ratios_above_4_with_draft(spec, wide_images, backend):
     assert max_abs < 0.1 and mean_abs < 0.006  # one drafted photo alone averages ~0.005 (a 1600x900 one too)
 
 
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+def test_draft_at_its_threshold_stays_within_the_documented_bound(spec, backend):
+    """JPEGs whose shorter side is just at the draft threshold (4x the input) are decoded at half
+    size and resized from there: the worst case of draft's pixels, documented as within 0.13."""
+    images = {"jpeg": [encode(photo(w, h, seed=8), quality=90) for w, h in [(1600, 900), (900, 1600)]]}
+    max_abs, mean_abs, _ = _diff(_decoder(backend, spec), "jpeg", spec, images)
+    assert max_abs < 0.13 and mean_abs < 0.008
+
+
 @pytest.mark.parametrize("fmt", sorted(WIDE_SIZES))
 def test_aspect_ratios_above_4_pillow_is_bit_identical(spec, wide_images, fmt):
     assert _diff(PillowDecoder(spec, draft=False, resize="pillow"), fmt, spec, wide_images) == (0.0, 0.0, 0.0)
