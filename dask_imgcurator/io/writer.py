@@ -176,7 +176,6 @@ def to_webdataset(
     >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
     4
     """
-    _check_samples_per_shard(samples_per_shard)
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
     finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
@@ -239,7 +238,6 @@ def write_shards(
     the rows to write per part where known (``StagedParts.counts``); parts without one are counted
     by tasks that read their files.
     """
-    _check_samples_per_shard(samples_per_shard)
     plan = _ShardPlan(parts, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
     counts = list(counts) if counts is not None else [None] * len(parts)
     if len(counts) != len(parts):
@@ -455,7 +453,8 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
         fs.rm(fs.ls(root, detail=False), recursive=True)
     try:
         fs.makedirs(root, exist_ok=True)
-        write_atomic(fs, posixpath.join(root, RUN_MARKER), json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode())
+        marker = json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode()
+        write_atomic(fs, posixpath.join(root, RUN_MARKER), marker)
     except OSError as exc:
         raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
     return None
@@ -493,14 +492,18 @@ def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: boo
         return "finished" if manifest is not None else "resume"
     if not (fs.exists(root) and fs.ls(root)):
         return "new"
-    foreign = _foreign_files(fs, root, previous is not None)
+    entries = _entries(fs, root)
+    # without a run record even names like ours (input shards called 00000.tar) are not a run's output
+    foreign = [p for p in entries if previous is None or not _OUR_PATHS.fullmatch(_TEMPORARY.sub("", p))]
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputExistsError(
             f"{out_dir} holds files that this tool did not write ({listed}); choose another output "
             "directory (overwrite=True (--overwrite) only replaces the output of an earlier run)"
         )
-    if not overwrite and (manifest is not None or _holds_work(fs, root)):
+    # a run that left nothing but its marker and empty folders (it failed before its first part) is no work to keep
+    holds_work = any(kind == "file" and p != RUN_MARKER and not _TEMPORARY.search(p) for p, kind in entries.items())
+    if not overwrite and (manifest is not None or holds_work):
         raise OutputExistsError(
             f"{out_dir} already holds the output of a different run; choose another output directory "
             "or pass overwrite=True (--overwrite) to replace it"
@@ -518,20 +521,13 @@ _OUR_PATHS = re.compile(
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
 
-def _foreign_files(fs, root: str, has_run: bool) -> list[str]:
-    """Paths under ``root`` (relative, sorted) that no run of this tool wrote; all of them without a run record."""
-    found = sorted(posixpath.relpath(posixpath.normpath(p), posixpath.normpath(root))
-                   for p in fs.find(root, withdirs=True))
-    found = [p for p in found if p != "."]
-    if not has_run:  # even names like ours (input shards called 00000.tar) are not a run's output
-        return found
-    return [p for p in found if not _OUR_PATHS.fullmatch(_TEMPORARY.sub("", p))]
-
-
-def _holds_work(fs, root: str) -> bool:
-    """Whether an unfinished run in ``root`` left anything but its marker and empty folders."""
-    files = (posixpath.relpath(posixpath.normpath(p), posixpath.normpath(root)) for p in fs.find(root))
-    return any(f != RUN_MARKER and not _TEMPORARY.search(f) for f in files)
+def _entries(fs, root: str) -> dict[str, str]:
+    """Every path under ``root``, relative and sorted, with its type ("file" or "directory"): one listing."""
+    base = posixpath.normpath(root)
+    found = {posixpath.relpath(posixpath.normpath(p), base): info.get("type", "file")
+             for p, info in fs.find(root, withdirs=True, detail=True).items()}
+    found.pop(".", None)
+    return dict(sorted(found.items()))
 
 
 def _check_samples_per_shard(samples_per_shard: int) -> None:
