@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,11 @@ class CustomModel:
     model_dir: str | None = None
     cache_dir: str | None = None
     offline: bool | None = None
+    #: Identifies factory and preprocessing in the per-worker cache; taken once (see ``HeadSpec.token``).
+    token: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token", tokenize(self.factory, self.preprocess))
 
     @property
     def head_family(self) -> str:
@@ -51,7 +56,7 @@ class CustomModel:
         """Run the factory (once per worker, device and precision) and wrap its result."""
         # the factory and preprocessing are part of the key: a name reused for another model
         # (or a fixed factory) must not get the first one's cached encoder
-        key = ("custom", self.name, tokenize(self.factory, self.preprocess), self.embed_dim, str(device), precision)
+        key = ("custom", self.name, self.token, self.embed_dim, str(device), precision)
         return get_cached(key, lambda: LoadedModel(self.factory(), self.info(), device, precision))
 
 

@@ -9,7 +9,7 @@ where weights are stored (see ``store``). The built-in heads are registered like
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,12 @@ class HeadSpec:
 
     name: str
     factory: HeadFactory
+    #: Identifies the factory in the per-worker cache (a replaced factory is another head); taken
+    #: once here, since tokenizing a closure that holds weights costs as much as pickling them.
+    token: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token", tokenize(self.factory))
 
 
 _REGISTRY: dict[str, HeadSpec] = {}
@@ -327,7 +333,7 @@ def load_head(
     spec = name if isinstance(name, HeadSpec) else head_spec(name)
     store = {"model_dir": model_dir, "cache_dir": cache_dir, "offline": offline}
     # the factory's token is in the key: ``register_head`` may replace a name's factory
-    key = ("head", spec.name, tokenize(spec.factory), embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
+    key = ("head", spec.name, spec.token, embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
     return get_cached(
         key, lambda: ScoreHead(spec.name, spec.factory(embed_dim, clip_name=clip_name, **store), device)
     )
