@@ -498,9 +498,16 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for row in rows:
         where = row.location or f"(not present; downloads from {row.source})"
         print(f"{row.kind:6s} {row.model or row.name:{width}s} {row.embed_dim or '':>5}  {where}")
-    if args.model_dir:
+    if args.model_dir and not _exists(args.model_dir):
+        print(f"note: --model-dir {args.model_dir} does not exist; nothing was listed from it", file=sys.stderr)
+    elif args.model_dir:
         print(f"local models need --model-dir {args.model_dir} beside --model")
     return 0
+
+
+def _exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:

@@ -341,3 +341,10 @@ def test_a_future_cut_off_in_its_init_by_the_interrupt_is_not_reported(monkeypat
     del broken
     gc.collect()
     assert [str(r.exc_value) for r in reported] == ["not a future"]
+
+
+def test_models_list_says_when_the_model_dir_does_not_exist(tmp_path, capsys):
+    assert main(["models", "list", "--model-dir", str(tmp_path / "nope")]) == 0
+    captured = capsys.readouterr()
+    assert f"--model-dir {tmp_path / 'nope'} does not exist" in captured.err
+    assert "beside --model" not in captured.out
