@@ -1,11 +1,113 @@
-"""Run a list of dask tasks with an optional progress bar, on the caller's client if there is one."""
+"""Progress bars that suit where they are shown, and running a list of dask tasks with one."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sys
+import time
+from typing import IO, Any, Sequence
 
 import dask
 from dask.callbacks import Callback
+from tqdm import tqdm as terminal_tqdm
 from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm as notebook_or_terminal_tqdm
+
+from dask_imgcurator import config
+
+
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
+                 file: IO[str] | None = None):
+    """A progress bar for ``desc``: tqdm's in a terminal or notebook, plain log lines elsewhere.
+
+    Where standard error is neither a terminal nor a notebook (a SLURM job's log, ``2> file``,
+    CI), a redrawn bar would fill the file with carriage returns and cursor moves; there the
+    bar prints one plain line at most every ``imgcurator.progress.log-interval`` and one when
+    it closes (see :class:`LogProgress`).
+
+    Parameters
+    ----------
+    total : int, optional
+        Units of work; None while unknown (it may be set later through ``.total``).
+    desc, unit : str
+        What the bar counts, as tqdm takes them.
+    enabled : bool
+        False gives a bar that shows nothing.
+    file : text stream, optional
+        Where to write; default standard error.
+    """
+    out = sys.stderr if file is None else file
+    in_notebook = notebook_or_terminal_tqdm is not terminal_tqdm
+    if not enabled or in_notebook or _is_terminal(out):
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=True, file=file)
+    return LogProgress(total, desc, unit, file=out)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class LogProgress:
+    """A progress bar for logs: one plain line (tqdm's text, no bar) at most every ``interval`` and at close.
+
+    Nothing is printed before the first interval has passed, so a phase that ends quickly
+    leaves a single line: what it did and how fast.
+
+    >>> import io
+    >>> out = io.StringIO()
+    >>> bar = LogProgress(3, "input shards", "shard", interval=3600, file=out)
+    >>> bar.update(2); bar.update(1); bar.close()
+    >>> out.getvalue().startswith("input shards: 100% 3/3 shards [")
+    True
+    """
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", *,
+                 interval: float | None = None, file: IO[str] | None = None):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.interval = _seconds(config.get("progress.log-interval", interval))
+        self._file = file
+        self._start = self._shown = time.monotonic()
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more units done; print a line when the interval has passed."""
+        self.n += n
+        if time.monotonic() - self._shown >= self.interval:
+            self._show()
+
+    def refresh(self) -> None:
+        """Nothing to redraw in a log (the next line shows any change)."""
+
+    def close(self) -> None:
+        """Print the closing line, once."""
+        if not self._closed:
+            self._closed = True
+            self._show()
+
+    def __str__(self) -> str:
+        elapsed = time.monotonic() - self._start
+        rate = self.n / elapsed if elapsed > 0 else None
+        unit = self.unit if self.n == 1 else self.unit + "s"
+        counted = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        done = f"{100 * self.n / self.total:.0f}% " if self.total else ""
+        timing = terminal_tqdm.format_interval(elapsed)
+        if self.total is not None and rate and self.n < self.total:
+            timing += f"<{terminal_tqdm.format_interval((self.total - self.n) / rate)}"
+        speed = f", {rate:.3g} {self.unit}/s" if rate else ""
+        return f"{self.desc}: {done}{counted} {unit} [{timing}{speed}]"
+
+    def _show(self) -> None:
+        self._shown = time.monotonic()
+        out = sys.stderr if self._file is None else self._file
+        print(self, file=out, flush=True)
+
+
+def _seconds(value: Any) -> float:
+    """A duration from the config (``"30s"``, ``"2 minutes"``, a number of seconds)."""
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(value, default="s"))
 
 
 def active_client():
@@ -49,7 +151,7 @@ def run_tasks(tasks: Sequence[Any], desc: str, progress: bool = False, unit: str
     if not tasks:
         return []
     client = active_client()
-    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=not progress, leave=True)
+    bar = progress_bar(len(tasks), desc, unit, enabled=progress)
     try:
         if client is not None:
             from distributed import as_completed
@@ -72,7 +174,7 @@ def run_tasks(tasks: Sequence[Any], desc: str, progress: bool = False, unit: str
 class _TqdmCallback(Callback):
     """Advance a tqdm bar when one of the target keys finishes on the local scheduler."""
 
-    def __init__(self, bar: tqdm, keys: set):
+    def __init__(self, bar, keys: set):
         super().__init__()
         self._bar, self._keys = bar, keys
 

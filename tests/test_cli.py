@@ -86,7 +86,10 @@ def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
             "--model-dir", ref.model_dir, "--offline", "--filter", DEMO_FILTER, "--samples-per-shard", "5",
             "--workers", "1", "--decoder", "pillow"]
     assert main(argv) == 0, capsys.readouterr().err
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
+    # stderr is no terminal here (as in a SLURM log): plain progress lines, no redrawing
+    assert "\r" not in err and "\x1b" not in err
+    assert "input shards: 100% 3/3 shards [" in err and "output shards: 100% " in err
     meta = ic.read_parquet(str(out / "metadata")).compute()
     assert len(meta) == 20 and meta["key"].is_unique
     failed = meta[meta["error"].notna()]

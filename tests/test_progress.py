@@ -46,3 +46,72 @@ def test_a_long_list_takes_at_most_ordered_chunks_submissions(one_thread_client,
 
 def test_without_a_cluster_the_local_scheduler_runs_them():
     assert progress.run_tasks([dask.delayed(note_start, pure=False)(i) for i in range(3)], "test") == [0, 1, 4]
+
+
+class _Terminal:
+    """A text stream that says it is a terminal, keeping what is written."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_a_log_gets_plain_lines_at_the_interval_and_at_the_end(monkeypatch):
+    import io
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    with dask.config.set({"imgcurator.progress.log-interval": "30s"}):
+        bar = progress.progress_bar(4, "input shards", "shard", file=out)
+    assert isinstance(bar, progress.LogProgress)
+    bar.update(1)
+    clock[0] += 10
+    bar.update(1)
+    assert out.getvalue() == ""  # within the interval: nothing yet
+    clock[0] += 25
+    bar.update(1)
+    clock[0] += 5
+    bar.total = 5  # a total learnt later is shown
+    bar.update(1)
+    bar.close()
+    bar.close()  # once
+    lines = out.getvalue().splitlines()
+    assert lines == ["input shards: 75% 3/4 shards [00:35<00:11, 0.0857 shard/s]",
+                     "input shards: 80% 4/5 shards [00:40<00:10, 0.1 shard/s]"]
+
+
+def test_a_log_bar_without_a_total_counts_alone():
+    import io
+
+    out = io.StringIO()
+    bar = progress.LogProgress(None, "output shards", "shard", interval=3600, file=out)
+    bar.update(1)
+    bar.close()
+    assert out.getvalue().startswith("output shards: 1 shard [00:00")
+
+
+def test_a_terminal_gets_tqdms_bar_and_a_disabled_bar_prints_nothing():
+    import io
+
+    from tqdm import tqdm
+
+    term = _Terminal()
+    bar = progress.progress_bar(2, "input shards", "shard", file=term)
+    assert isinstance(bar, tqdm)
+    bar.update(2)
+    bar.close()
+    assert "2/2" in term.text
+    quiet = io.StringIO()
+    bar = progress.progress_bar(2, "input shards", "shard", enabled=False, file=quiet)
+    bar.update(2)
+    bar.close()
+    assert quiet.getvalue() == ""

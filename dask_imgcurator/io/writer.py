@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.base import tokenize
 from fsspec.core import url_to_fs
-from tqdm.auto import tqdm
 
 from dask_imgcurator.backend import to_arrow
 from dask_imgcurator.io.parquet import arrow_types_mapper
@@ -49,7 +48,7 @@ from dask_imgcurator.io.shards import (
     unsafe_member_reason,
     write_dali_index,
 )
-from dask_imgcurator.progress import active_client, compute_in_order, run_tasks
+from dask_imgcurator.progress import active_client, compute_in_order, progress_bar, run_tasks
 
 __all__ = [
     "to_webdataset",
@@ -286,8 +285,8 @@ def stage_and_write(
     plan = _ShardPlan(staging.paths, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
     counts: list[int | None] = [None] * len(staging.paths)
     staged_results: dict[int, pd.Series] = {}
-    inputs = tqdm(total=len(staging.todo), desc="input shards", unit="shard", disable=not progress)
-    outputs = tqdm(desc="output shards", unit="shard", disable=not progress)
+    inputs = progress_bar(len(staging.todo), "input shards", "shard", enabled=progress)
+    outputs = progress_bar(None, "output shards", "shard", enabled=progress)
     futures: dict = {}
     try:
         todo = set(staging.todo)
