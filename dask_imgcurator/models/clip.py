@@ -22,10 +22,10 @@ from .onednn import onednn_mode
 from .ref import LOCAL_DIR_PREFIX, ClipRef
 from ..decode.preprocess import preprocess_spec_from_open_clip
 from .store import (
-    READ_ERRORS,
     DamagedWeightsError,
     WeightsNotFoundError,
     check_online,
+    is_read_error,
     is_offline,
     search_roots,
     share_mode,
@@ -121,8 +121,8 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
     if ref.kind == "file":
         try:
             model = open_clip.create_model(ref.name, pretrained=ref.pretrained, weights_only=True)
-        except READ_ERRORS as err:
-            if _is_key_mismatch(err):
+        except Exception as err:
+            if not is_read_error(err):
                 raise
             raise weights_load_error(Path(str(ref.pretrained)).expanduser(), err) from None
         cfg = model_cfg(ref)
@@ -131,8 +131,8 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
         cfg = _read_config(path)["model_cfg"]  # names the file when it is damaged
         try:
             model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
-        except READ_ERRORS as err:
-            if _is_key_mismatch(err):
+        except Exception as err:
+            if not is_read_error(err):
                 raise
             raise weights_load_error(path / WEIGHTS_FILE, err) from None
     info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
@@ -177,11 +177,6 @@ def _candidates(ref: ClipRef) -> list[Path]:
 
 def _local_dir(ref: ClipRef) -> Path | None:
     return next((path for path in _candidates(ref) if is_clip_dir(path)), None)
-
-
-def _is_key_mismatch(err: BaseException) -> bool:
-    """Whether ``err`` is torch's state-dict mismatch (weights read fine, for another model)."""
-    return isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict")
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -369,7 +369,32 @@ def weights_load_error(path: str | os.PathLike, err: BaseException) -> Exception
     return DamagedWeightsError.of(path, reason)
 
 
-READ_ERRORS: tuple[type[BaseException], ...] = (pickle.UnpicklingError, EOFError, RuntimeError, _SafetensorError)
+_UNREADABLE = (pickle.UnpicklingError, EOFError, _SafetensorError)
+_NOT_THE_FILE = (  # RuntimeErrors of a readable file, or of the machine: the file is not damaged
+    "Error(s) in loading state_dict",  # weights of another model
+    "can't allocate memory",  # torch's CPU allocator
+    "out of memory",
+)
+
+
+def is_read_error(err: BaseException) -> bool:
+    """Whether ``err``, raised while loading a weights file, says the file itself cannot be read.
+
+    torch reports a truncated or foreign file as a ``RuntimeError``, but also a state dict of
+    another model and a machine out of memory; those are not damage, and calling them so would
+    send a user to delete good weights.
+
+    >>> is_read_error(RuntimeError("PytorchStreamReader failed reading zip archive"))
+    True
+    >>> is_read_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
+    False
+    """
+    if isinstance(err, _UNREADABLE):
+        return True
+    if not isinstance(err, RuntimeError) or isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return False
+    text = str(err)
+    return not any(marker in text for marker in _NOT_THE_FILE)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -390,7 +415,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except READ_ERRORS as err:
+    except Exception as err:
+        if not is_read_error(err):
+            raise
         raise weights_load_error(path, err) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -203,6 +203,19 @@ def test_damaged_clip_files_are_named(tiny: ClipRef) -> None:
             call()
 
 
+def test_out_of_memory_while_building_the_model_is_not_called_damage(monkeypatch: pytest.MonkeyPatch,
+                                                                      tiny: ClipRef) -> None:
+    import open_clip
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1216888832 bytes")
+
+    monkeypatch.setattr(open_clip, "create_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as err:
+        tiny.load()
+    assert not isinstance(err.value, DamagedWeightsError)
+
+
 def test_damaged_checkpoint_file_is_named(monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path) -> None:
     name = _register_tiny_architecture(monkeypatch, tiny)
     for data in (b"", b"<html>404 Not Found</html>"):

@@ -195,6 +195,25 @@ def test_damaged_weights_name_the_file_and_say_what_to_do(tmp_path: Path) -> Non
         load_state_dict(tmp_path / "page.pth")
 
 
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 1216888832 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.13 GiB"),
+    MemoryError(),
+])
+def test_running_out_of_memory_while_loading_is_not_called_damage(tmp_path: Path, monkeypatch, failure) -> None:
+    """An out-of-memory error must not read 'damaged, delete it': the file is good."""
+    torch.save({"w": torch.zeros(4)}, tmp_path / "good.pth")
+
+    def out_of_memory(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(type(failure)) as err:
+        load_state_dict(tmp_path / "good.pth")
+    assert not isinstance(err.value, DamagedWeightsError)
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refused_pickles_keep_pytorchs_reason(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
