@@ -16,6 +16,15 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _PATH_STARTS = ("/", "./", "../", "~")
 
 
+def _absolute(path: str) -> str:
+    """``path`` with ``~`` expanded, absolute from this process's working directory."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
+
+
 @dataclass(frozen=True)
 class ClipRef:
     """Reference to a CLIP image encoder; configuration only (no weights), cheap to pickle.
@@ -32,6 +41,10 @@ class ClipRef:
         Prepared model directory searched first (see ``download_models``).
     cache_dir : str or None
         Download cache; default ``$IMGCURATOR_HOME/models`` (``~/.cache/dask_imgcurator/models``).
+
+    Local paths (``model_dir``, ``cache_dir``, and an existing ``local-dir:`` folder or checkpoint
+    file) are made absolute when the reference is made, so that workers started in another
+    directory find them.
     offline : bool or None
         Never download. None: offline when ``HF_HUB_OFFLINE`` or ``IMGCURATOR_OFFLINE`` is set.
     """
@@ -43,6 +56,16 @@ class ClipRef:
     offline: bool | None = None
 
     def __post_init__(self) -> None:
+        # Paths as the client means them: a worker may run in another directory (a cluster
+        # started elsewhere, a job script that changes directory) and would miss relative ones.
+        for field in ("model_dir", "cache_dir"):
+            value = getattr(self, field)
+            if value is not None:
+                object.__setattr__(self, field, _absolute(str(value)))
+        if self.name.startswith(LOCAL_DIR_PREFIX) and _exists(self.name[len(LOCAL_DIR_PREFIX):]):
+            object.__setattr__(self, "name", LOCAL_DIR_PREFIX + _absolute(self.name[len(LOCAL_DIR_PREFIX):]))
+        if self.pretrained is not None and _exists(self.pretrained) and self.kind == "file":
+            object.__setattr__(self, "pretrained", _absolute(self.pretrained))
         if self.name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
             if self.pretrained is not None:
                 raise ValueError(f"pretrained must be None for {self.name!r} (the weights come with it)")

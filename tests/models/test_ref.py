@@ -63,9 +63,10 @@ def test_existing_relative_paths_need_no_dot_slash(tmp_path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     folder = ClipRef.parse("demo/models/clip/my-model")
     assert (folder.name, folder.pretrained, folder.kind, folder.slug) == (
-        "local-dir:demo/models/clip/my-model", None, "local-dir", "my-model"
+        f"local-dir:{tmp_path}/demo/models/clip/my-model", None, "local-dir", "my-model"
     )
-    assert ClipRef.parse("ckpts/my.pt", name="ViT-B-32") == ClipRef("ViT-B-32", "ckpts/my.pt")
+    checkpoint = ClipRef.parse("ckpts/my.pt", name="ViT-B-32")
+    assert checkpoint == ClipRef("ViT-B-32", "ckpts/my.pt") == ClipRef("ViT-B-32", f"{tmp_path}/ckpts/my.pt")
     # paths that do not exist keep the architecture/tag reading
     assert ClipRef.parse("demo/nothing-here") == ClipRef("demo", "nothing-here")
 
@@ -75,3 +76,20 @@ def test_a_folder_named_like_an_architecture_does_not_shadow_it(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert ClipRef.parse("ViT-B-32") == ClipRef("ViT-B-32", "openai")
     assert ClipRef.parse("./ViT-B-32").kind == "local-dir"
+
+
+def test_local_paths_are_absolute_so_that_workers_elsewhere_find_them(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker of a cluster started in another directory gets the paths the client meant."""
+    (tmp_path / "models/clip/my-model").mkdir(parents=True)
+    (tmp_path / "my.pt").touch()
+    monkeypatch.chdir(tmp_path)
+    folder = ClipRef.parse("./models/clip/my-model", model_dir="models", cache_dir="cache")
+    checkpoint = ClipRef.parse("my.pt", name="ViT-B-32", model_dir="./models")
+    monkeypatch.chdir("/")  # the worker's directory
+    copies = pickle.loads(pickle.dumps((folder, checkpoint)))
+    assert copies == (folder, checkpoint)
+    assert copies[0].name == f"local-dir:{tmp_path}/models/clip/my-model"
+    assert (copies[0].model_dir, copies[0].cache_dir) == (f"{tmp_path}/models", f"{tmp_path}/cache")
+    assert (copies[1].pretrained, copies[1].model_dir) == (f"{tmp_path}/my.pt", f"{tmp_path}/models")
+    # text that names no existing path keeps its architecture/tag (or as-given path) reading
+    assert ClipRef("ViT-B-32", "nowhere/my.pt").pretrained == "nowhere/my.pt"
