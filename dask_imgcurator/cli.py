@@ -446,10 +446,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dask_imgcurator.models import make_tiny_model_dir
 
     root = args.out.rstrip("/")
-    _claim_demo_input(f"{root}/input", {"shards": args.shards, "samples": args.samples}, args.overwrite)
-    print(f"generating {args.shards} demo shards of {args.samples} photo-like images in {root}/input"
-          " (plus two broken samples, to show how failures are reported) ...")
-    shards = make_demo_shards(f"{root}/input", n_shards=args.shards, samples_per_shard=args.samples, broken=True)
+    params = {"shards": args.shards, "samples": args.samples}
+    shards = _claim_demo_input(f"{root}/input", params, args.overwrite)
+    if shards:
+        print(f"using the demo shards already in {root}/input ({args.shards} x {args.samples} images)")
+    else:
+        print(f"generating {args.shards} demo shards of {args.samples} photo-like images in {root}/input"
+              " (plus two broken samples, to show how failures are reported) ...")
+        shards = make_demo_shards(f"{root}/input", n_shards=args.shards, samples_per_shard=args.samples, broken=True)
+        _record_demo_input(f"{root}/input", params)
     ref = make_tiny_model_dir(f"{root}/models")
     print(f"tiny random-weight CLIP model and heads written to {root}/models (loaded like real weights)")
     print("NOTE: demo scores come from RANDOM weights and mean nothing; for real scores run\n"
@@ -464,25 +469,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _curate(curate_args, ref)
 
 
-def _claim_demo_input(folder: str, params: dict, overwrite: bool) -> None:
-    """Check that ``folder`` holds no demo input of other parameters (unless ``overwrite``: then
-    its demo shards are removed), and record ``params`` there.
+def _claim_demo_input(folder: str, params: dict, overwrite: bool) -> list[str]:
+    """The shards of a complete demo input of ``params`` in ``folder``, to use again, else [].
 
-    Without this a demo of other sizes rewrote the input of an earlier demo's curated run before
-    that run's output refused it, and a smaller demo also read the earlier demo's extra shards.
+    A demo input of other parameters is refused (unless ``overwrite``: then its demo shards are
+    removed), and so is reused with ``overwrite`` (a fresh demo). Without this a demo of other
+    sizes rewrote the input of an earlier demo's curated run before that run's output refused it,
+    a smaller demo also read the earlier demo's extra shards, and the same demo run again rewrote
+    its input, whose new modification times made it another run than the one it should resume.
     """
+    from dask_imgcurator.demo_data import demo_shard_paths
+
     fs, path = url_to_fs(folder)
     record = posixpath.join(path, DEMO_RECORD)
     previous = json.loads(fs.cat_file(record)) if fs.exists(record) else None
-    if previous is not None and previous != params:
-        if not overwrite:
-            raise OutputExistsError(
-                f"{folder} holds a demo of {previous['shards']} shards x {previous['samples']} samples; pass "
-                f"--overwrite to replace it with {params['shards']} x {params['samples']}, or choose another --out"
-            )
-        fs.rm(fs.glob(posixpath.join(path, "demo-*.tar")))
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(record, json.dumps(params).encode())
+    if previous is None or (previous == params and not overwrite):
+        shards = demo_shard_paths(folder, params["shards"])
+        return shards if previous is not None and all(fs.exists(s) for s in shards) else []
+    if previous != params and not overwrite:
+        raise OutputExistsError(
+            f"{folder} holds a demo of {previous['shards']} shards x {previous['samples']} samples; pass "
+            f"--overwrite to replace it with {params['shards']} x {params['samples']}, or choose another --out"
+        )
+    fs.rm(record)  # the input is incomplete until it is recorded again
+    fs.rm(fs.glob(posixpath.join(path, "demo-*.tar")))
+    return []
+
+
+def _record_demo_input(folder: str, params: dict) -> None:
+    """Mark ``folder`` as holding the complete demo input of ``params`` (after its shards are written)."""
+    fs, path = url_to_fs(folder)
+    write_atomic(fs, posixpath.join(path, DEMO_RECORD), json.dumps(params).encode())
 
 
 # ----------------------------------------------------------------------------- models

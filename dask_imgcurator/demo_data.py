@@ -10,6 +10,8 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 
+from dask_imgcurator.io.shards import full_url
+
 __all__ = ["make_demo_shards", "synthetic_image"]
 
 
@@ -68,9 +70,9 @@ def make_demo_shards(
     rng = np.random.default_rng(seed)
     fs, root = url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        path = posixpath.join(root, f"demo-{s:05d}.tar")
+    paths = demo_shard_paths(out_dir, n_shards)
+    for s, url in enumerate(paths):
+        path = url_to_fs(url)[1]
         with fs.open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for i in range(samples_per_shard):
                 key = f"{s:05d}{i:04d}"
@@ -91,8 +93,13 @@ def make_demo_shards(
                 _add(tar, f"{s:05d}b001.jpg", truncated.getvalue()[:600])
                 _add(tar, f"{s:05d}b001.txt", b"this JPEG was cut short")
                 _add(tar, f"{s:05d}b002.txt", b"a caption whose image went missing")
-        paths.append(path if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path))
     return paths
+
+
+def demo_shard_paths(out_dir: str, n_shards: int) -> list[str]:
+    """Where :func:`make_demo_shards` writes ``n_shards`` shards in ``out_dir`` (local paths absolute, else URLs)."""
+    fs, root = url_to_fs(out_dir)
+    return [full_url(fs, posixpath.join(root, f"demo-{s:05d}.tar")) for s in range(n_shards)]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

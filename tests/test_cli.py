@@ -167,6 +167,19 @@ def test_demo_runs_offline_and_says_scores_are_random(tmp_path, capsys):
     assert summary["failed"] == {"decode or model error": 1, "no image": 1} or sum(summary["failed"].values()) == 2
 
 
+def test_the_same_demo_again_uses_its_input_and_resumes(tmp_path, capsys):
+    """Regenerated input shards would have new modification times: another run, refused."""
+    demo = tmp_path / "demo"
+    argv = ["demo", "--out", str(demo), "--shards", "1", "--samples", "3", "--workers", "1"]
+    assert main(argv) == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (demo / "input").glob("*.tar")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "using the demo shards already in" in out and "resumed: 1 metadata part" in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (demo / "input").glob("*.tar")} == before
+
+
 def test_a_demo_of_other_sizes_refuses_before_touching_the_earlier_demo(tmp_path, capsys):
     demo = tmp_path / "demo"
     assert main(["demo", "--out", str(demo), "--shards", "2", "--samples", "4"]) == 0

@@ -7,27 +7,35 @@ from typing import Sequence
 import dask
 import dask.dataframe as dd
 import pandas as pd
+from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import (
     DEFAULT_IMAGE_EXTENSIONS,
     MAX_TEXT_BYTES,
-    expand_shards,
+    ShardError,
+    expand_shards_versions,
     group_samples,
     image_member,
     read_ranges,
     scan_members,
+    shard_version,
 )
 from dask_imgcurator.schema import INDEX_COLUMNS, empty_frame
 
 __all__ = ["read_webdataset", "read_shard"]
 
 
-def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> pd.DataFrame:
+def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS, *,
+               version: str | None = None) -> pd.DataFrame:
     """Index one shard into a pandas frame with the columns of :data:`INDEX_COLUMNS`.
 
     A shard that is not a tar, or is truncated, yields rows for the samples that could be read
     plus one row with an empty key and the shard error; it never raises for bad content.
+    With ``version`` (its :func:`~dask_imgcurator.io.shards.shard_version` when the run was
+    planned), a shard replaced since raises ``ShardError``: its samples would mix two inputs.
     """
+    if version is not None:
+        _check_unchanged(url, version)
     members, refused, shard_error = scan_members(url)
     samples = group_samples(members, refused, image_extensions)
     cut_member_known = any(reason.startswith("truncated tar") for _, reason in refused)
@@ -61,6 +69,21 @@ def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSI
     if shard_error:
         rows.append({**dict.fromkeys(INDEX_COLUMNS), "key": "", "shard": url, "members": "[]", "error": shard_error})
     return empty_frame(INDEX_COLUMNS) if not rows else pd.DataFrame(rows).astype(INDEX_COLUMNS)
+
+
+def _read_shard_version(url: str, version: str, image_extensions: Sequence[str]) -> pd.DataFrame:
+    return read_shard(url, image_extensions, version=version)
+
+
+def _check_unchanged(url: str, version: str) -> None:
+    fs, path = url_to_fs(url)
+    now = shard_version(fs.info(path))
+    if now != version:
+        raise ShardError(
+            f"{url} changed while this run was going (planned with {version}, now {now}); its samples "
+            "would mix two inputs. Run the command again (the output of the changed inputs is another "
+            "run: pass --overwrite / overwrite=True to replace this one)"
+        )
 
 
 def read_webdataset(
@@ -97,11 +120,14 @@ def read_webdataset(
     >>> ddf.npartitions, len(ddf)
     (2, 6)
     """
-    urls = expand_shards(shards)
+    # each shard's version (size, mtime or ETag) goes into the graph, and so into a run's
+    # fingerprint: inputs replaced at the same paths are another run, not a resume of this one
+    urls, versions = zip(*expand_shards_versions(shards))
     exts = tuple(e.lower().lstrip(".") for e in image_extensions)
     ddf = dd.from_map(
-        read_shard,
-        urls,
+        _read_shard_version,
+        list(urls),
+        list(versions),
         image_extensions=exts,
         meta=empty_frame(INDEX_COLUMNS),
         label="read-webdataset",

@@ -96,34 +96,68 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     Traceback (most recent call last):
     FileNotFoundError: no such shard: memory://nothing-0.tar
     """
+    return [url for url, _ in expand_shards_versions(spec)]
+
+
+def expand_shards_versions(spec: str | Sequence[str]) -> list[tuple[str, str]]:
+    """:func:`expand_shards`, each URL with its :func:`shard_version`, from the same listing."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise ValueError("no shards given")
-    urls: list[str] = []
+    found: dict[str, str] = {}
     for item in specs:
         for one in braceexpand.braceexpand(str(item)):
             if not one.strip():
                 # An empty path would glob the whole working directory, recursively.
                 raise ValueError(f"empty shard spec in {item!r} (an unset variable?); give a path, glob or URL")
-            urls.extend(_expand_one(one))
-    return list(dict.fromkeys(urls))
+            for url, version in _expand_one(one):
+                found.setdefault(url, version)
+    return list(found.items())
 
 
-def _expand_one(url: str) -> list[str]:
+def _expand_one(url: str) -> list[tuple[str, str]]:
     fs, path = url_to_fs(url)
-    if not fs.exists(path):
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
         if not _GLOB_CHARS & set(path):
-            raise FileNotFoundError(f"no such shard: {url}")
-        found = sorted(fs.glob(path))
+            raise FileNotFoundError(f"no such shard: {url}") from None
+        found = fs.glob(path, detail=True)
         if not found:
-            raise FileNotFoundError(f"pattern {url!r} matched no files")
-        return [full_url(fs, p) for p in found]
-    if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
+            raise FileNotFoundError(f"pattern {url!r} matched no files") from None
+        return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
+    if info.get("type") == "directory":
+        found = {p: i for p, i in fs.find(path, detail=True).items() if p.lower().endswith(".tar")}
         if not found:
             raise FileNotFoundError(f"directory {url!r} holds no .tar files")
-        return [full_url(fs, p) for p in found]
-    return [full_url(fs, path)]
+        return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
+    return [(full_url(fs, path), shard_version(info))]
+
+
+#: Fields of an fsspec ``info()`` that change when a file's content is replaced: content tags
+#: (object stores) and the first of the modification times (``created`` only where nothing else is
+#: kept, as in memory://: a local file's ctime moves on chmod and rename too).
+_CONTENT_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "version_id")
+_TIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def shard_version(info: dict) -> str:
+    """What identifies a shard's content from its listing: size plus mtime, ETag or the like.
+
+    It goes into a run's fingerprint, so that input shards replaced at the same paths make
+    another run (not a resume of the old one), and is checked again when a worker reads the shard.
+
+    >>> shard_version({"name": "a.tar", "size": 10240, "mtime": 1765000000.5, "created": 1.0, "type": "file"})
+    'size=10240 mtime=1765000000.5'
+    """
+    fields = [key for key in _CONTENT_FIELDS if info.get(key) is not None]
+    fields += [key for key in _TIME_FIELDS if info.get(key) is not None][:1]
+    return " ".join(f"{key}={_plain(info[key])}" for key in fields)
+
+
+def _plain(value) -> object:
+    """A time as seconds since the epoch (listings give datetimes or numbers for the same file)."""
+    return value.timestamp() if hasattr(value, "timestamp") else value
 
 
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -504,7 +504,8 @@ def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: boo
     holds_work = any(kind == "file" and p != RUN_MARKER and not _TEMPORARY.search(p) for p, kind in entries.items())
     if not overwrite and (manifest is not None or holds_work):
         raise OutputExistsError(
-            f"{out_dir} already holds the output of a different run; choose another output directory "
+            f"{out_dir} already holds the output of a different run (other inputs, input shards changed "
+            "since, other parameters or model); choose another output directory "
             "or pass overwrite=True (--overwrite) to replace it"
         )
     return "replace"

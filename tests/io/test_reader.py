@@ -128,3 +128,17 @@ def test_memory_filesystem(shard_dir):
     df = ddf.compute()
     assert len(df) == 6 and df["shard"].iloc[0] == "memory:///reader-test/demo-00000.tar"
     assert df["error"].isna().all()
+
+
+def test_a_shard_replaced_after_planning_stops_the_read_naming_it(shard_dir):
+    import os
+
+    ddf = ic.read_webdataset(str(shard_dir))
+    second = shard_dir / "shard-00001.tar"
+    stamp = second.stat().st_mtime
+    write_tar(second, sample_entries("new-", 3, seed=7, extra_ext="cls"))
+    os.utime(second, (stamp + 5, stamp + 5))
+    assert len(ddf.partitions[0].compute()) == 5  # the others read as planned
+    with pytest.raises(shards_module.ShardError, match=rf"{second} changed while this run was going"):
+        ddf.partitions[1].compute()
+    assert ic.read_webdataset(str(shard_dir)).partitions[1].compute()["key"].str.startswith("new-").all()

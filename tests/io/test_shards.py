@@ -9,6 +9,7 @@ import webdataset as wds
 from dask_imgcurator.io.shards import (
     Member,
     expand_shards,
+    expand_shards_versions,
     group_samples,
     scan_members,
     split_key,
@@ -201,3 +202,16 @@ def test_unsafe_member_reason():
     assert unsafe_member_reason("ok/name.jpg") is None
     assert "'..'" in unsafe_member_reason("a/../../b.jpg")
     assert "absolute" in unsafe_member_reason("/etc/passwd")
+
+
+def test_versions_come_with_the_urls_and_agree_however_the_shards_are_named(shard_dir, tmp_path):
+    paths = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    by_glob = expand_shards_versions(str(shard_dir / "*.tar"))
+    assert [url for url, _ in by_glob] == paths == expand_shards(str(shard_dir / "*.tar"))
+    assert by_glob == expand_shards_versions(str(shard_dir)) == expand_shards_versions(paths)
+    size = (shard_dir / "shard-00000.tar").stat().st_size
+    assert by_glob[0][1].startswith(f"size={size} mtime=")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/versions/a.tar", b"x" * 10)
+    listed, named = expand_shards_versions("memory://versions/*.tar"), expand_shards_versions("memory://versions/a.tar")
+    assert listed == named and listed[0][1].startswith("size=10 created=")  # datetimes and numbers alike

@@ -193,6 +193,23 @@ def test_refuses_a_different_run_unless_overwrite(shard_dir, tmp_path):
         ic.to_webdataset(kept_frame(shard_dir), str(stranger))
 
 
+def test_inputs_replaced_at_the_same_paths_are_another_run_not_a_resume(shard_dir, tmp_path):
+    """Same paths, other bytes (the shards were regenerated): the old output is not taken for theirs."""
+    import os
+
+    out = tmp_path / "out"
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    first = shard_dir / "shard-00000.tar"
+    stamp = first.stat().st_mtime
+    write_tar(first, sample_entries("new-", 5, seed=9, extra_ext="cls"))  # same size, other samples
+    os.utime(first, (stamp + 5, stamp + 5))  # a rewrite moves the mtime, however coarse the filesystem's clock
+    with pytest.raises(ic.OutputExistsError, match="different run"):
+        ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3)
+    ic.to_webdataset(kept_frame(shard_dir), str(out), samples_per_shard=3, overwrite=True)
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(map(str, out.glob("*.tar"))), shardshuffle=False)]
+    assert keys[:3] == ["new-0000", "new-0002", "new-0004"]
+
+
 def test_unsafe_member_names_are_never_written(tmp_path):
     write_tar(tmp_path / "in.tar", sample_entries("ok", 2) + [("../evil.jpg", jpeg_bytes(1))])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
@@ -464,7 +481,7 @@ def test_a_streamed_write_gives_its_output_bar_a_total_once_every_part_is_counte
     bars = {}
 
     class Bar:
-        def __init__(self, total=None, desc="", **_):
+        def __init__(self, total=None, desc="", *_, **__):
             self.total, self.n = total, 0
             bars[desc] = self
 
@@ -477,7 +494,7 @@ def test_a_streamed_write_gives_its_output_bar_a_total_once_every_part_is_counte
         def close(self):
             pass
 
-    monkeypatch.setattr(writer_module, "tqdm", Bar)
+    monkeypatch.setattr(writer_module, "progress_bar", Bar)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster):
         result = ic.to_webdataset(kept_frame(shard_dir), str(tmp_path / "out"), samples_per_shard=3, progress=True)
