@@ -24,7 +24,7 @@ from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
 from dask_imgcurator.io.writer import check_output, claim_output, finish_output, stage_and_write, write_atomic
-from dask_imgcurator.progress import run_tasks
+from dask_imgcurator.progress import counted, run_tasks
 from dask_imgcurator.schema import STRING
 
 __all__ = ["mark_kept", "write_curated", "check_curated_output", "CurationSummary", "error_kind"]
@@ -115,18 +115,13 @@ class CurationSummary:
                 f"unreadable shards: {self.unreadable_shards} (partly or not at all; the metadata rows with an"
                 " empty key say why)"
             )
-        lines.append(f"written: {_counted(self.written, 'sample')} in {_counted(self.shards, 'shard')}")
+        lines.append(f"written: {counted(self.written, 'sample')} in {counted(self.shards, 'shard')}")
         if self.parts_skipped or self.shards_skipped:
             lines.append(
-                f"resumed: {_counted(self.parts_skipped, 'metadata part')} and {_counted(self.shards_skipped, 'shard')}"
+                f"resumed: {counted(self.parts_skipped, 'metadata part')} and {counted(self.shards_skipped, 'shard')}"
                 " were already complete"
             )
         return "\n".join(lines)
-
-
-def _counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1 ("1 shard", "2 shards")."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def write_curated(

@@ -14,6 +14,19 @@ from tqdm.autonotebook import tqdm as notebook_or_terminal_tqdm
 from dask_imgcurator import config
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 ("1 shard", "2 shards").
+
+    >>> counted(1, "shard"), counted(2, "metadata part")
+    ('1 shard', '2 metadata parts')
+    """
+    return f"{n} {_plural(noun, n)}"
+
+
+def _plural(noun: str, n: int) -> str:
+    return noun if n == 1 else noun + "s"
+
+
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
                  file: IO[str] | None = None):
     """A progress bar for ``desc``: tqdm's in a terminal or notebook, plain log lines elsewhere.
@@ -88,14 +101,13 @@ class LogProgress:
     def __str__(self) -> str:
         elapsed = time.monotonic() - self._start
         rate = self.n / elapsed if elapsed > 0 else None
-        unit = self.unit if self.n == 1 else self.unit + "s"
-        counted = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
         done = f"{100 * self.n / self.total:.0f}% " if self.total else ""
         timing = terminal_tqdm.format_interval(elapsed)
         if self.total is not None and rate and self.n < self.total:
             timing += f"<{terminal_tqdm.format_interval((self.total - self.n) / rate)}"
         speed = f", {rate:.3g} {self.unit}/s" if rate else ""
-        return f"{self.desc}: {done}{counted} {unit} [{timing}{speed}]"
+        of = f"/{self.total}" if self.total is not None else ""
+        return f"{self.desc}: {done}{self.n}{of} {_plural(self.unit, self.n)} [{timing}{speed}]"
 
     def _show(self) -> None:
         self._shown = time.monotonic()

@@ -35,7 +35,8 @@ from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.decode.probe import open_image
 from dask_imgcurator.io.parquet import read_parquet
 from dask_imgcurator.io.shards import full_url, read_ranges
-from dask_imgcurator.pipeline import SUMMARY, _counted, error_kind
+from dask_imgcurator.pipeline import SUMMARY, error_kind
+from dask_imgcurator.progress import counted
 
 __all__ = ["write_report", "threshold_sweep", "read_thumbnails", "thumbnail_figure", "score_columns"]
 
@@ -621,8 +622,8 @@ class _Page:
         for kind, count in sorted(failed.items()):
             self.add(f'<tr class="sub" data-failure="{_e(kind)}"><th>{_e(kind)}</th>'
                      f'<td class="num">{int(count)}</td></tr>')
-        written = (f'{_counted(int(summary.get("written", 0)), "sample")}'
-                   f' in {_counted(int(summary.get("shards", 0)), "shard")}')
+        written = (f'{counted(int(summary.get("written", 0)), "sample")}'
+                   f' in {counted(int(summary.get("shards", 0)), "shard")}')
         self.add(f'<tr data-count="written"><th>written</th><td class="num">{written}</td></tr>')
         unreadable = int(summary.get("unreadable_shards", 0))
         if unreadable:
