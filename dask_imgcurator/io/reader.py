@@ -94,7 +94,10 @@ def read_webdataset(
     """Read WebDataset tar shards as a lazy Dask DataFrame with one partition per shard.
 
     Only tar headers and the small ``.txt``/``.json`` members are read; image bytes stay in the
-    tars and are located by ``shard``, ``image_offset`` and ``image_nbytes``.
+    tars and are located by ``shard``, ``image_offset`` and ``image_nbytes``. Each shard's size and
+    modification time (or ETag) are taken from the listing when the frame is made: they identify
+    the frame (and so a run that writes it), and a shard that changes before it is read raises
+    ``ShardError`` naming it.
 
     Parameters
     ----------
