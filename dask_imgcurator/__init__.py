@@ -6,6 +6,7 @@ boolean masks, and write curated WebDataset shards with Parquet metadata.
 from dask_imgcurator.demo_data import make_demo_shards
 from dask_imgcurator.io.parquet import read_parquet
 from dask_imgcurator.io.reader import read_shard, read_webdataset
+from dask_imgcurator.io.shards import ShardError
 from dask_imgcurator.io.writer import OutputExistsError, WriteResult, to_webdataset
 from dask_imgcurator.models import ClipRef, custom_model, make_tiny_model_dir, register_head
 from dask_imgcurator.pipeline import CurationSummary, mark_kept, write_curated
@@ -20,6 +21,7 @@ __all__ = [
     "to_webdataset",
     "WriteResult",
     "OutputExistsError",
+    "ShardError",
     "embed",
     "score",
     "parse_filter",

@@ -23,6 +23,7 @@ from dask.base import tokenize
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
+from dask_imgcurator.io.sources import input_files
 from dask_imgcurator.io.writer import check_output, claim_output, finish_output, stage_and_write, write_atomic
 from dask_imgcurator.progress import counted, run_tasks
 from dask_imgcurator.schema import STRING
@@ -161,7 +162,7 @@ def write_curated(
         raise ValueError(f"write_curated needs columns {sorted(missing)}; add them with mark_kept()")
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
     fingerprint = _fingerprint(ddf, samples_per_shard, rekey)
-    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf))
     fs, root = url_to_fs(out_dir)
     if finished is not None:
         summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})
@@ -191,7 +192,8 @@ def check_curated_output(
     be written is a one-line error at once.
     """
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
-    check_output(out_dir, _fingerprint(ddf, samples_per_shard, rekey), params, overwrite=overwrite)
+    check_output(out_dir, _fingerprint(ddf, samples_per_shard, rekey), params, overwrite=overwrite,
+                 inputs=input_files(ddf))
 
 
 def _fingerprint(ddf: dd.DataFrame, samples_per_shard: int, rekey: bool) -> str:

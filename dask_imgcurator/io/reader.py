@@ -7,19 +7,17 @@ from typing import Sequence
 import dask
 import dask.dataframe as dd
 import pandas as pd
-from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import (
     DEFAULT_IMAGE_EXTENSIONS,
     MAX_TEXT_BYTES,
-    ShardError,
     expand_shards_versions,
     group_samples,
     image_member,
     read_ranges,
     scan_members,
-    shard_version,
 )
+from dask_imgcurator.io.sources import check_unchanged, versioned_reader
 from dask_imgcurator.schema import INDEX_COLUMNS, empty_frame
 
 __all__ = ["read_webdataset", "read_shard"]
@@ -35,7 +33,7 @@ def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSI
     planned), a shard replaced since raises ``ShardError``: its samples would mix two inputs.
     """
     if version is not None:
-        _check_unchanged(url, version)
+        check_unchanged(url, version)
     members, refused, shard_error = scan_members(url)
     samples = group_samples(members, refused, image_extensions)
     cut_member_known = any(reason.startswith("truncated tar") for _, reason in refused)
@@ -71,19 +69,9 @@ def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSI
     return empty_frame(INDEX_COLUMNS) if not rows else pd.DataFrame(rows).astype(INDEX_COLUMNS)
 
 
+@versioned_reader
 def _read_shard_version(url: str, version: str, image_extensions: Sequence[str]) -> pd.DataFrame:
     return read_shard(url, image_extensions, version=version)
-
-
-def _check_unchanged(url: str, version: str) -> None:
-    fs, path = url_to_fs(url)
-    now = shard_version(fs.info(path))
-    if now != version:
-        raise ShardError(
-            f"{url} changed while this run was going (planned with {version}, now {now}); its samples "
-            "would mix two inputs. Run the command again (the output of the changed inputs is another "
-            "run: pass --overwrite / overwrite=True to replace this one)"
-        )
 
 
 def read_webdataset(

@@ -26,7 +26,7 @@ import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import dask
 import dask.dataframe as dd
@@ -48,6 +48,7 @@ from dask_imgcurator.io.shards import (
     unsafe_member_reason,
     write_dali_index,
 )
+from dask_imgcurator.io.sources import input_files
 from dask_imgcurator.progress import active_client, compute_in_order, progress_bar, run_tasks
 
 __all__ = [
@@ -177,7 +178,7 @@ def to_webdataset(
     """
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
-    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite)
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf))
     if finished is not None:  # this exact write already completed
         return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
@@ -196,6 +197,7 @@ def stage_partitions(
     *,
     summarise: Callable[[pa.Table], Any] | None = None,
     progress: bool = False,
+    only_kept: bool | None = None,
 ) -> StagedParts:
     """Compute each partition once into ``staging_dir/part-NNNNN.parquet``; skip parts that exist.
 
@@ -210,13 +212,17 @@ def stage_partitions(
         in ``StagedParts.stats``, so that nothing has to read the parts again to count them.
     progress : bool
         Show a progress bar.
+    only_kept : bool, optional
+        Which rows will be written as samples, checked here (members present, names safe) before
+        anything is written: those with ``kept`` true (True), all (False); default: the kept ones
+        where the frame has a ``kept`` column, else all.
 
     Returns
     -------
     StagedParts
         The part URLs in partition order, how many were already there, and the staging tasks' counts.
     """
-    staging = _Staging(ddf, staging_dir, summarise)
+    staging = _Staging(ddf, staging_dir, summarise, only_kept)
     return staging.finish(run_tasks(staging.tasks, "input shards", progress, unit="shard"))
 
 
@@ -276,12 +282,12 @@ def stage_and_write(
     _check_samples_per_shard(samples_per_shard)  # before any partition is computed
     client = active_client()
     if client is None:
-        staged = stage_partitions(ddf, staging_dir, summarise=summarise, progress=progress)
+        staged = stage_partitions(ddf, staging_dir, summarise=summarise, progress=progress, only_kept=only_kept)
         return staged, write_shards(staged.paths, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept,
                                     progress=progress, counts=staged.counts(only_kept))
     from distributed import as_completed
 
-    staging = _Staging(ddf, staging_dir, summarise)
+    staging = _Staging(ddf, staging_dir, summarise, only_kept)
     plan = _ShardPlan(staging.paths, out_dir, samples_per_shard, rekey=rekey, only_kept=only_kept)
     counts: list[int | None] = [None] * len(staging.paths)
     staged_results: dict[int, pd.Series] = {}
@@ -328,7 +334,7 @@ def stage_and_write(
 class _Staging:
     """The staging of one collection: part paths, the parts still to compute and their tasks."""
 
-    def __init__(self, ddf: dd.DataFrame, staging_dir: str, summarise=None):
+    def __init__(self, ddf: dd.DataFrame, staging_dir: str, summarise=None, only_kept: bool | None = None):
         fs, root = url_to_fs(staging_dir)
         fs.makedirs(root, exist_ok=True)
         _remove_temporaries(fs, root)
@@ -349,7 +355,7 @@ class _Staging:
             # keys of this call only: a task that writes a file must not be answered with the result
             # an earlier call's task left on the cluster (its file may be gone since, e.g. --overwrite)
             staged = ddf.partitions[self.todo].map_partitions(
-                _stage_to, targets, summarise, uuid.uuid4().hex, meta=pd.Series([], dtype=object),
+                _stage_to, targets, summarise, only_kept, uuid.uuid4().hex, meta=pd.Series([], dtype=object),
                 align_dataframes=False, token="stage-part",
             )
             self.tasks = staged.to_delayed()
@@ -435,7 +441,9 @@ def shard_name(j: int) -> str:
 # ----------------------------------------------------------------------------- run bookkeeping
 
 
-def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False) -> dict | None:
+def claim_output(
+    out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False, inputs: Iterable[str] = ()
+) -> dict | None:
     """Make ``out_dir`` ours for the run identified by ``fingerprint``.
 
     Returns the finished manifest when this same run already completed there, else None after
@@ -443,7 +451,7 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
     :func:`check_output` does.
     """
     fs, root = url_to_fs(out_dir)
-    verdict = _output_verdict(out_dir, fingerprint, params, overwrite)
+    verdict = _output_verdict(out_dir, fingerprint, params, overwrite, inputs)
     if verdict == "finished":
         return _read_json(fs, posixpath.join(root, MANIFEST))
     if verdict == "resume":
@@ -459,16 +467,20 @@ def claim_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
     return None
 
 
-def check_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False) -> None:
+def check_output(
+    out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False, inputs: Iterable[str] = ()
+) -> None:
     """Raise what :func:`claim_output` would raise for this run, writing nothing.
 
     For a check before costly work starts (a cluster, SLURM jobs). An output dir holding another
     run is refused unless ``overwrite``, or unless that run wrote nothing but its marker (it failed
-    before its first part, e.g. on a wrong model name); one holding files that this tool did not
-    write is always refused, naming a few of them; ``params["samples_per_shard"]``, where given,
-    must be at least 1; a directory that cannot be created or written raises PermissionError.
+    before its first part, e.g. on a wrong model name), and even with ``overwrite`` where any of
+    ``inputs`` (the URLs of the files this run reads, see :func:`~dask_imgcurator.io.sources.input_files`)
+    lies inside it; one holding files that this tool did not write is always refused, naming a few
+    of them; ``params["samples_per_shard"]``, where given, must be at least 1; a directory that
+    cannot be created or written raises PermissionError.
     """
-    if _output_verdict(out_dir, fingerprint, params, overwrite) in ("new", "replace"):
+    if _output_verdict(out_dir, fingerprint, params, overwrite, inputs) in ("new", "replace"):
         fs, root = url_to_fs(out_dir)
         probe = posixpath.join(root, f"_write-check.tmp-{uuid.uuid4().hex[:12]}")
         try:
@@ -479,7 +491,7 @@ def check_output(out_dir: str, fingerprint: str, params: dict, *, overwrite: boo
             raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
 
 
-def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: bool) -> str:
+def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: bool, inputs: Iterable[str] = ()) -> str:
     """What claiming ``out_dir`` means: "finished" (this run is complete there), "resume" (this run
     started there), "replace" (an earlier run's files go), or "new"; raises where it is refused."""
     if "samples_per_shard" in params:
@@ -507,6 +519,14 @@ def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: boo
             f"{out_dir} already holds the output of a different run (other inputs, input shards changed "
             "since, other parameters or model); choose another output directory "
             "or pass overwrite=True (--overwrite) to replace it"
+        )
+    inside = full_url(fs, posixpath.normpath(root)) + "/"
+    read_here = [url for url in inputs if url.startswith(inside)]
+    if read_here:
+        listed = ", ".join(read_here[:3]) + (f" and {len(read_here) - 3} more" if len(read_here) > 3 else "")
+        raise OutputExistsError(
+            f"this run reads {listed} from {out_dir}, where an earlier run's output would be replaced "
+            "(deleting them before they are read); write to another output directory"
         )
     return "replace"
 
@@ -653,25 +673,28 @@ def _one_path(path: str) -> pd.Series:
     return pd.Series([path], dtype=object)
 
 
-def _stage_to(df, target: pd.Series, summarise=None, call: str | None = None) -> pd.Series:
+def _stage_to(df, target: pd.Series, summarise=None, only_kept: bool | None = None, call: str | None = None) -> pd.Series:
     """``_stage_part`` to the path ``target`` holds; its counts, as a one-row Series.
 
     ``call`` only makes the task's key unique to one staging call.
     """
-    return pd.Series([_stage_part(df, target.iloc[0], summarise)], dtype=object)
+    return pd.Series([_stage_part(df, target.iloc[0], summarise, only_kept)], dtype=object)
 
 
-def _stage_part(df, path: str, summarise=None) -> dict:
-    """Validate one computed partition and save it atomically as Parquet; return its counts."""
+def _stage_part(df, path: str, summarise=None, only_kept: bool | None = None) -> dict:
+    """Validate the rows of one computed partition that will be written (see ``stage_partitions``),
+    save it atomically as Parquet, and return its counts."""
     table = to_arrow(df)
-    to_write = table.filter(pa.compute.fill_null(table.column("kept"), False)) if "kept" in table.column_names else table
+    has_kept = "kept" in table.column_names
+    kept = table.filter(pa.compute.fill_null(table.column("kept"), False)) if has_kept else table
+    to_write = kept if (only_kept if only_kept is not None else has_kept) else table
     for key, shard, members in zip(*(to_write.column(c).to_pylist() for c in ("key", "shard", "members"))):
         _check_members(key, shard, members)
     fs, local = url_to_fs(path)
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=STAGE_ROW_GROUP)
     write_atomic(fs, local, sink.getvalue())
-    return {"rows": table.num_rows, "kept": to_write.num_rows, "summary": summarise(table) if summarise else None}
+    return {"rows": table.num_rows, "kept": kept.num_rows, "summary": summarise(table) if summarise else None}
 
 
 def _check_members(key: str, shard: str, members_json: str | None) -> None:
@@ -794,13 +817,11 @@ def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: i
                             "(--overwrite) to replace what this attempt wrote"
                         )
                     seen[key] = shard
+                _check_members(key, shard, members_json)  # whatever path the rows took here
                 if shard not in sources:
                     sources[shard] = open_shard(shard)
                 written: list[Member] = []
                 for name, offset, size in json.loads(members_json):
-                    reason = unsafe_member_reason(name)
-                    if reason:
-                        raise ValueError(f"refusing to write sample {key!r} of {shard}: {reason}")
                     out_name = f"{new_key}.{split_key(name)[1]}" if key_prefix is not None else name
                     info = tarfile.TarInfo(out_name)
                     info.size, info.mtime, info.mode = size, 0, 0o644
@@ -817,11 +838,29 @@ def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: i
 
 
 def _exact_range(f, shard: str, offset: int, size: int) -> io.BytesIO:
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise ShardError(f"{shard}: expected {size} bytes at offset {offset}, got {len(data)} (file changed?)")
-    return io.BytesIO(data)
+    """The ``size`` member bytes at ``offset``, checked against the tar header block just before them.
+
+    The shard may have been replaced since it was indexed (hours earlier on a cluster, or by a resume
+    of the same lazy frame): another layout puts another header there, or none, and copying the
+    bytes would write another sample's data under this one's name.
+    """
+    start = max(0, offset - tarfile.BLOCKSIZE)
+    f.seek(start)
+    data = f.read(offset - start + size)
+    if len(data) != offset - start + size:
+        raise ShardError(f"{shard}: expected {size} bytes at offset {offset}, got {len(data) - (offset - start)} "
+                         "(the shard changed since it was read?)")
+    try:
+        header = tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape") if start < offset else None
+    except tarfile.HeaderError:
+        header = None
+    if header is None or header.size != size or not header.isreg():
+        raise ShardError(
+            f"{shard}: the tar header before byte {offset} does not describe the {size}-byte member indexed there; "
+            "the shard changed since it was read. Run again (a changed input is another run: with "
+            "overwrite=True / --overwrite)"
+        )
+    return io.BytesIO(data[offset - start:])
 
 
 def _relocate(rows: pd.DataFrame, layout, tar_url: str, rekeyed: bool) -> pd.DataFrame:

@@ -210,6 +210,27 @@ def test_inputs_replaced_at_the_same_paths_are_another_run_not_a_resume(shard_di
     assert keys[:3] == ["new-0000", "new-0002", "new-0004"]
 
 
+def test_a_shard_replaced_between_staging_and_writing_is_never_copied(shard_dir, tmp_path):
+    """Hours may pass between staging a shard's rows and copying its members (or a resume of the
+    same lazy frame reuses parts staged before the shard was regenerated)."""
+    staged = writer_module.stage_partitions(ic.read_webdataset(str(shard_dir)), str(tmp_path / "staged"))
+    write_tar(shard_dir / "shard-00001.tar", sample_entries("s1-", 3, seed=11, extra_ext="cls"))  # new images
+    with pytest.raises(ic.ShardError, match=r"shard-00001\.tar: the tar header before byte \d+ does not describe"):
+        writer_module.write_shards(staged.paths, str(tmp_path / "out"), samples_per_shard=20)
+
+
+def test_overwrite_never_deletes_the_files_the_run_reads(shard_dir, tmp_path):
+    """Re-sharding an earlier output in place: replacing that output would delete the inputs first."""
+    out = tmp_path / "out"
+    ic.to_webdataset(ic.read_webdataset(str(shard_dir)), str(out), samples_per_shard=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ic.OutputExistsError, match=r"this run reads .*00000\.tar.* write to another output directory"):
+        ic.to_webdataset(ic.read_webdataset(str(out)), str(out), samples_per_shard=6, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    resharded = ic.to_webdataset(ic.read_webdataset(str(out)), str(tmp_path / "elsewhere"), samples_per_shard=6)
+    assert resharded.samples == 12
+
+
 def test_unsafe_member_names_are_never_written(tmp_path):
     write_tar(tmp_path / "in.tar", sample_entries("ok", 2) + [("../evil.jpg", jpeg_bytes(1))])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
@@ -231,6 +252,15 @@ def test_error_rows_without_members_are_refused_with_advice(tmp_path):
 
 def _without_members(df):
     return df.assign(members=df["members"].where(df["key"] != "ok0001", "[]"))
+
+
+def test_every_row_to_webdataset_writes_is_checked_even_with_a_kept_column(shard_dir, tmp_path):
+    """to_webdataset writes all rows: a marked frame (or read_parquet of a run) is no exception."""
+    (shard_dir / "zz-broken.tar").write_bytes(b"this is not a tar file" * 40)
+    marked = ic.mark_kept(ic.read_webdataset(str(shard_dir)))
+    with pytest.raises(ValueError, match=r"error row of shard .*zz-broken\.tar.* has no members"):
+        ic.to_webdataset(marked, str(tmp_path / "out"), samples_per_shard=50)
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_a_sample_without_members_is_refused_naming_it_and_its_shard(tmp_path):
