@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import dask
@@ -75,7 +76,7 @@ def _read_shard_version(url: str, version: str, image_extensions: Sequence[str])
 
 
 def read_webdataset(
-    shards: str | Sequence[str],
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
 ) -> dd.DataFrame:
@@ -89,7 +90,7 @@ def read_webdataset(
 
     Parameters
     ----------
-    shards : str or sequence of str
+    shards : str, path-like, or a sequence of them
         Paths or fsspec URLs: a file, a directory of ``.tar`` files, a glob, a brace range such
         as ``data/shard-{00000..00099}.tar``, or a list of these.
     image_extensions : sequence of str

@@ -5,6 +5,7 @@ members (``.txt`` captions, ``.json``) are read afterwards because they become c
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -67,12 +68,12 @@ def unsafe_member_reason(name: str) -> str | None:
     return None
 
 
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Expand a shard spec into an ordered list of shard URLs.
 
     Parameters
     ----------
-    spec : str or sequence of str
+    spec : str, path-like, or a sequence of them
         A path or fsspec URL, a glob (``data/*.tar``), a brace range (``shard-{00000..00099}.tar``),
         a directory (all ``*.tar`` inside), or a list of any of these.
 
@@ -99,9 +100,9 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return [url for url, _ in expand_shards_versions(spec)]
 
 
-def expand_shards_versions(spec: str | Sequence[str]) -> list[tuple[str, str]]:
+def expand_shards_versions(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     """:func:`expand_shards`, each URL with its :func:`shard_version`, from the same listing."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
         raise ValueError("no shards given")
     found: dict[str, str] = {}

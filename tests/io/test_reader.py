@@ -142,3 +142,10 @@ def test_a_shard_replaced_after_planning_stops_the_read_naming_it(shard_dir):
     with pytest.raises(ic.ShardError, match=rf"{second} changed while this run was going"):
         ddf.partitions[1].compute()
     assert ic.read_webdataset(str(shard_dir)).partitions[1].compute()["key"].str.startswith("new-").all()
+
+
+def test_path_objects_are_taken_like_strings(shard_dir, tmp_path):
+    ddf = ic.read_webdataset(shard_dir)
+    assert ddf.npartitions == 3 and ic.read_webdataset([shard_dir / "shard-00000.tar"]).npartitions == 1
+    ic.to_webdataset(ddf, tmp_path / "out", samples_per_shard=5)
+    assert len(ic.read_parquet(tmp_path / "out").compute()) == 12
