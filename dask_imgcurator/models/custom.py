@@ -12,6 +12,8 @@ from dask.base import tokenize
 from ..decode.base import PreprocessSpec
 from .cache import get_cached
 from .encoder import LoadedModel, ModelInfo
+from .store import absolute_dirs
+from .tokens import stable_token
 from ..decode.preprocess import preprocess_spec_from_open_clip
 
 EncoderFactory = Callable[[], torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]]
@@ -33,11 +35,17 @@ class CustomModel:
     model_dir: str | None = None
     cache_dir: str | None = None
     offline: bool | None = None
-    #: Identifies factory and preprocessing in the per-worker cache; taken once (see ``HeadSpec.token``).
+    #: Identifies factory and preprocessing in the per-worker cache and in a run's fingerprint, the
+    #: same in every process (see :func:`~dask_imgcurator.models.tokens.stable_token`); taken once
+    #: (see ``HeadSpec.token``).
     token: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "token", tokenize(self.factory, self.preprocess))
+        absolute_dirs(self, "model_dir", "cache_dir")
+        object.__setattr__(self, "token", tokenize(stable_token(self.factory), self.preprocess))
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("CustomModel", self.name, self.token, self.embed_dim, self.model_dir, self.cache_dir, self.offline)
 
     @property
     def head_family(self) -> str:

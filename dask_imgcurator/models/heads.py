@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dask.base import tokenize
 from torch import nn
 
 from .cache import get_cached
 from .store import KNOWN_HEAD_WEIGHTS, WeightFile, load_state_dict, resolve
+from .tokens import stable_token
 
 HeadFactory = Callable[..., nn.Module]
 _ROLE_ALIASES = {"var": "variance", "running_var": "variance", "running_mean": "mean"}
@@ -209,12 +209,16 @@ class HeadSpec:
 
     name: str
     factory: HeadFactory
-    #: Identifies the factory in the per-worker cache (a replaced factory is another head); taken
-    #: once here, since tokenizing a closure that holds weights costs as much as pickling them.
+    #: Identifies the factory in the per-worker cache (a replaced factory is another head) and in a
+    #: run's fingerprint, the same in every process (see :func:`~dask_imgcurator.models.tokens.stable_token`);
+    #: taken once here, since tokenizing a closure that holds weights costs as much as pickling them.
     token: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "token", tokenize(self.factory))
+        object.__setattr__(self, "token", stable_token(self.factory))
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("HeadSpec", self.name, self.token)
 
 
 _REGISTRY: dict[str, HeadSpec] = {}

@@ -9,6 +9,8 @@ from typing import Any
 
 import open_clip
 
+from .store import absolute_dirs
+
 HF_HUB_PREFIX = "hf-hub:"
 HF_HUB_SLUG_PREFIX = "hf-hub-"  # hf-hub:org/repo is stored as hf-hub-org--repo
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -56,12 +58,7 @@ class ClipRef:
     offline: bool | None = None
 
     def __post_init__(self) -> None:
-        # Paths as the client means them: a worker may run in another directory (a cluster
-        # started elsewhere, a job script that changes directory) and would miss relative ones.
-        for field in ("model_dir", "cache_dir"):
-            value = getattr(self, field)
-            if value is not None:
-                object.__setattr__(self, field, _absolute(str(value)))
+        absolute_dirs(self, "model_dir", "cache_dir")
         if self.name.startswith(LOCAL_DIR_PREFIX) and _exists(self.name[len(LOCAL_DIR_PREFIX):]):
             object.__setattr__(self, "name", LOCAL_DIR_PREFIX + _absolute(self.name[len(LOCAL_DIR_PREFIX):]))
         if self.pretrained is not None and _exists(self.pretrained) and self.kind == "file":

@@ -178,6 +178,18 @@ def is_offline(offline: bool | None = None) -> bool:
     )
 
 
+def absolute_dirs(obj: object, *fields: str) -> None:
+    """Make the path fields ``fields`` of the frozen dataclass ``obj`` absolute, ``~`` expanded.
+
+    Paths as the client means them: a worker may run in another directory (a cluster started
+    elsewhere, a job script that changes directory) and would miss relative ones.
+    """
+    for name in fields:
+        value = getattr(obj, name)
+        if value is not None:
+            object.__setattr__(obj, name, os.path.abspath(os.path.expanduser(os.fspath(value))))
+
+
 def search_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLike | None) -> list[Path]:
     """Model dirs searched in order: the explicit ``model_dir``, then the cache."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

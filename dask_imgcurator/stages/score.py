@@ -11,6 +11,7 @@ import torch
 
 from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
 from dask_imgcurator.models import HeadSpec, head_spec, load_head
+from dask_imgcurator.models.store import absolute_dirs
 from dask_imgcurator.schema import embedding_matrix
 from dask_imgcurator.stages.embed import score_columns
 
@@ -27,6 +28,9 @@ class ScoreConfig:
     cache_dir: str | None = None
     offline: bool | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        absolute_dirs(self, "model_dir", "cache_dir")
 
 
 def score(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import os
 import pickle
 
 import pytest
@@ -93,3 +95,15 @@ def test_local_paths_are_absolute_so_that_workers_elsewhere_find_them(tmp_path, 
     assert (copies[1].pretrained, copies[1].model_dir) == (f"{tmp_path}/my.pt", f"{tmp_path}/models")
     # text that names no existing path keeps its architecture/tag (or as-given path) reading
     assert ClipRef("ViT-B-32", "nowhere/my.pt").pretrained == "nowhere/my.pt"
+
+
+def test_custom_models_and_score_take_their_model_dirs_absolute_too(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dask_imgcurator as ic
+    from dask_imgcurator.decode import PreprocessSpec
+    from dask_imgcurator.stages.score import ScoreConfig
+
+    monkeypatch.chdir(tmp_path)
+    custom = ic.custom_model(lambda: None, PreprocessSpec(size=8), embed_dim=3, name="m")
+    placed = dataclasses.replace(custom, model_dir="models", cache_dir="~/cache")  # as embed(model_dir=...) does
+    assert (placed.model_dir, placed.cache_dir) == (f"{tmp_path}/models", os.path.expanduser("~/cache"))
+    assert ScoreConfig((), "x", model_dir="models").model_dir == f"{tmp_path}/models"
