@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -101,3 +103,35 @@ def worker_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def current_worker() -> Any:
+    """The ``distributed`` worker running the calling task, or None outside one."""
+    if "distributed" not in sys.modules:  # never imported: cannot be inside a worker
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+#: Name of the worker plugin (``cluster.TorchThreads``) that says how many threads torch gets.
+TORCH_THREADS_PLUGIN = "imgcurator-torch-threads"
+
+
+def apply_torch_threads() -> None:
+    """Give torch in the calling task thread the thread count a registered ``TorchThreads`` asks for.
+
+    A thread keeps the count it had when it first ran torch (``OMP_NUM_THREADS=1`` in a nanny's
+    workers), so a plugin registered after the worker's task threads ran torch does not reach
+    them; stages that run torch call this first.
+    """
+    worker = current_worker()
+    plugin = worker.plugins.get(TORCH_THREADS_PLUGIN) if worker is not None else None
+    if plugin is not None:
+        import torch
+
+        if torch.get_num_threads() != plugin.threads:
+            torch.set_num_threads(plugin.threads)

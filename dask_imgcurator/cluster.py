@@ -32,7 +32,7 @@ import dask.config
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from dask_imgcurator import config
-from dask_imgcurator.backend import gpu_count
+from dask_imgcurator.backend import TORCH_THREADS_PLUGIN, gpu_count
 from dask_imgcurator.backend import usable_cores as _usable_cores
 
 __all__ = [
@@ -59,11 +59,12 @@ class TorchThreads(WorkerPlugin):
     """Set torch's intra-op thread count in each worker so workers do not oversubscribe cores.
 
     Dask's nanny starts workers with ``OMP_NUM_THREADS=1``; this gives torch ``threads``
-    instead. It runs when a worker starts (or when registered on running workers), before the
-    worker's task threads run torch, which then inherit the setting.
+    instead. It runs when a worker starts (or when registered on running workers); task threads
+    that ran torch before it was registered keep their count until the package's stages apply
+    it to them (``backend.apply_torch_threads``).
     """
 
-    name = "imgcurator-torch-threads"
+    name = TORCH_THREADS_PLUGIN
     idempotent = False
 
     def __init__(self, threads: int):

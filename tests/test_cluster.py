@@ -496,3 +496,24 @@ def test_slurm_job_script_exports_housekeeping_settings_before_the_users_prologu
         assert _housekeeping_seen() == cl.housekeeping_settings()
     dask.config.refresh()
 
+
+
+def _torch_threads(apply: bool) -> int:
+    import torch
+
+    from dask_imgcurator.backend import apply_torch_threads
+
+    if apply:
+        apply_torch_threads()
+    return torch.get_num_threads()
+
+
+def test_torch_threads_registered_after_the_workers_ran_torch_reach_the_stages():
+    """A task thread keeps the torch thread count it first ran with; the stages apply the plugin's."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(_torch_threads, False, pure=False).result() == 1  # the nanny's OMP_NUM_THREADS=1
+        client.register_plugin(cl.TorchThreads(2))
+        assert client.submit(_torch_threads, True, pure=False).result() == 2

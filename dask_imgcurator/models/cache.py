@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
+
+from dask_imgcurator.backend import current_worker
 
 T = TypeVar("T")
 
@@ -29,18 +30,6 @@ def _slots(worker: Any = None) -> dict[Hashable, _Slot]:
         if not hasattr(worker, _ATTR):
             setattr(worker, _ATTR, {})
         return getattr(worker, _ATTR)
-
-
-def current_worker() -> Any:
-    """The ``distributed`` worker running the calling task, or None outside one."""
-    if "distributed" not in sys.modules:  # never imported: cannot be inside a worker
-        return None
-    from distributed import get_worker
-
-    try:
-        return get_worker()
-    except ValueError:
-        return None
 
 
 def get_cached(key: Hashable, loader: Callable[[], T]) -> T:

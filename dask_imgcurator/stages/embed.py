@@ -12,13 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dask_imgcurator.backend import from_pandas_like, to_pandas, usable_cores, worker_device
+from dask_imgcurator.backend import (
+    apply_torch_threads, current_worker, from_pandas_like, to_pandas, usable_cores, worker_device,
+)
 from dask_imgcurator.decode import DecodedBatch, make_decoder
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.shards import read_ranges
 from dask_imgcurator.malloc import tune_malloc
 from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
-from dask_imgcurator.models.cache import current_worker, get_cached
+from dask_imgcurator.models.cache import get_cached
+from dask_imgcurator.models.encoder import PRECISIONS
 from dask_imgcurator.schema import embedding_dtype, embedding_series
 
 __all__ = ["embed", "embed_partition", "EmbedConfig", "score_columns"]
@@ -44,6 +47,24 @@ class EmbedConfig:
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
+
+    def __post_init__(self) -> None:
+        # wrong values fail here, when the graph is built, not inside the first task on a worker
+        for name in ("batch_size", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        choices = {"precision": PRECISIONS, "decoder": ("auto", "dali", "pillow")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {getattr(self, name)!r}")
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
 
     def columns(self, embed_dim: int) -> dict[str, Any]:
         """The columns this stage adds, with their dtypes (the stage's declared meta)."""
@@ -126,6 +147,7 @@ def embed(
 def embed_partition(df, config: EmbedConfig):
     """Embed one partition (pandas, or cuDF converted through host memory); see :func:`embed`."""
     tune_malloc()
+    apply_torch_threads()
     frame = to_pandas(df)
     device = worker_device() if config.device == "auto" else config.device
     model = config.model.load(device, config.precision)

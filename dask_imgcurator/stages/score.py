@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dask_imgcurator.backend import from_pandas_like, to_pandas, worker_device
+from dask_imgcurator.backend import apply_torch_threads, from_pandas_like, to_pandas, worker_device
 from dask_imgcurator.models import HeadSpec, head_spec, load_head
 from dask_imgcurator.models.store import absolute_dirs
 from dask_imgcurator.schema import embedding_matrix
@@ -80,6 +80,7 @@ def score(
 
 def score_partition(df, config: ScoreConfig):
     """Score one partition; see :func:`score`."""
+    apply_torch_threads()
     frame = to_pandas(df).copy()
     device = worker_device() if config.device == "auto" else config.device
     valid = frame["embedding"].notna().to_numpy()

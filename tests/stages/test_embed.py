@@ -294,3 +294,16 @@ def test_gpu_decode_threads_are_divided_among_the_workers_task_threads(monkeypat
             Client(cluster) as client:
         cpus = len(os.sched_getaffinity(0))
         assert client.submit(embed_module._task_cpu_share, pure=False).result() == max(2, cpus // 3)
+
+
+@pytest.mark.parametrize(("option", "value", "phrase"), [
+    ("batch_size", 0, "batch_size must be a whole number of at least 1, not 0"),
+    ("batch_size", -1, "batch_size must be a whole number of at least 1"),  # it skipped every image unmarked
+    ("max_pixels", 0, "max_pixels must be"),
+    ("precision", "fp8", "precision must be one of 'fp32', 'bf16', 'fp16'"),
+    ("decoder", "opencv", "decoder must be one of 'auto', 'dali', 'pillow'"),
+    ("device", "tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_bad_options_fail_when_the_graph_is_built(colour_shards, option, value, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        ic.embed(ic.read_webdataset(str(colour_shards)), stand_in(), heads=(), **{option: value})
