@@ -25,6 +25,7 @@ from .store import (
     DamagedWeightsError,
     WeightsNotFoundError,
     check_online,
+    files_version,
     is_read_error,
     is_offline,
     search_roots,
@@ -61,8 +62,17 @@ def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str =
         A weights or config file is empty, truncated or not what it should be (a
         ``WeightsNotFoundError``; the message names the file).
     """
-    key = ("clip", ref, str(device), precision)
+    key = ("clip", ref, weights_version(ref), str(device), precision)
     return get_cached(key, lambda: _load(ref, device, precision))
+
+
+def weights_version(ref: ClipRef) -> str:
+    """The version (:func:`~dask_imgcurator.models.store.files_version`) of ``ref``'s local weights
+    and config, empty while they are not present (a download to come)."""
+    if ref.kind == "file":
+        return files_version([Path(str(ref.pretrained)).expanduser()])
+    path = _local_dir(ref)
+    return files_version([path / CONFIG_FILE, path / WEIGHTS_FILE]) if path is not None else ""
 
 
 def _check_checkpoint(ref: ClipRef) -> None:

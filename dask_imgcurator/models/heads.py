@@ -8,7 +8,7 @@ where weights are stored (see ``store``). The built-in heads are registered like
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cache import get_cached
-from .store import KNOWN_HEAD_WEIGHTS, WeightFile, load_state_dict, resolve
+from .store import KNOWN_HEAD_WEIGHTS, WeightFile, files_version, find_weights, load_state_dict, resolve, search_roots
 from .tokens import stable_token
 
 HeadFactory = Callable[..., nn.Module]
@@ -170,6 +170,15 @@ def head_weights(
     cache; downloads when the pair is in ``KNOWN_HEAD_WEIGHTS`` (unless offline).
     """
     return resolve(head_entry(head, clip_name), model_dir, cache_dir, offline)
+
+
+def head_weights_version(heads: Sequence[str], clip_name: str, model_dir: str | None = None,
+                         cache_dir: str | None = None) -> str:
+    """The version (:func:`~dask_imgcurator.models.store.files_version`) of the weights files the
+    built-in factories of ``heads`` would load for ``clip_name`` (where present)."""
+    roots = search_roots(model_dir, cache_dir)
+    found = [find_weights(head_entry(head, clip_name).stem, roots) for head in heads]
+    return files_version([path for path in found if path is not None])
 
 
 def head_entry(head: str, clip_name: str) -> WeightFile:
@@ -336,8 +345,10 @@ def load_head(
     """
     spec = name if isinstance(name, HeadSpec) else head_spec(name)
     store = {"model_dir": model_dir, "cache_dir": cache_dir, "offline": offline}
-    # the factory's token is in the key: ``register_head`` may replace a name's factory
-    key = ("head", spec.name, spec.token, embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
+    # the factory's token is in the key (``register_head`` may replace a name's factory), and the
+    # version of the weights it would find (they may be saved over at the same path)
+    version = head_weights_version([spec.name], clip_name, model_dir, cache_dir)
+    key = ("head", spec.name, spec.token, version, embed_dim, clip_name, model_dir, cache_dir, offline, str(device))
     return get_cached(
         key, lambda: ScoreHead(spec.name, spec.factory(embed_dim, clip_name=clip_name, **store), device)
     )

@@ -145,6 +145,13 @@ class ClipRef:
     def __str__(self) -> str:
         return self.name if self.pretrained is None else f"{self.name}/{self.pretrained}"
 
+    def __dask_tokenize__(self) -> tuple:
+        # the local weights' version too: weights saved over the old ones at the same path are another run
+        from .clip import weights_version
+
+        return ("ClipRef", self.name, self.pretrained, self.model_dir, self.cache_dir, self.offline,
+                weights_version(self))
+
     def load(self, device: str = "cpu", precision: str = "fp32"):
         """Load (or reuse from the per-worker cache) the encoder; see ``load_clip``."""
         from .clip import load_clip

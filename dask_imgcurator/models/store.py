@@ -196,6 +196,22 @@ def search_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLi
     return ([Path(model_dir).expanduser()] if model_dir else []) + [cache]
 
 
+def files_version(paths: list[Path]) -> str:
+    """Size and modification time of each existing file of ``paths``: changes when one is replaced.
+
+    Part of a run's fingerprint and of the worker cache's keys, so that weights saved over the old
+    ones at the same path (a fine-tuned checkpoint) make another run, not the old results.
+    """
+    stats = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        stats.append(f"{path}:{info.st_size}:{info.st_mtime_ns}")
+    return " ".join(stats)
+
+
 def find_weights(stem: str, roots: list[Path]) -> Path | None:
     """First existing ``root/stem + suffix`` (safetensors preferred), or None."""
     for root in roots:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import dask.dataframe as dd
+from dask.base import tokenize
 import numpy as np
 import pandas as pd
 import torch
@@ -20,6 +21,7 @@ from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.io.shards import read_ranges
 from dask_imgcurator.malloc import tune_malloc
 from dask_imgcurator.models import HeadSpec, ModelSource, as_model_source, head_spec, load_head
+from dask_imgcurator.models.heads import head_weights_version
 from dask_imgcurator.models.cache import get_cached
 from dask_imgcurator.models.encoder import PRECISIONS
 from dask_imgcurator.schema import embedding_dtype, embedding_series
@@ -65,6 +67,13 @@ class EmbedConfig:
                 kind = None
             if kind not in ("cpu", "cuda"):
                 raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
+
+    def __dask_tokenize__(self) -> tuple:
+        # the heads' weights files too: saved over at the same paths, they make another run
+        store = self.model.store_kwargs()
+        heads = head_weights_version([h.name for h in self.heads], self.model.head_family,
+                                     store["model_dir"], store["cache_dir"])
+        return tokenize("EmbedConfig", *(getattr(self, f.name) for f in dataclasses.fields(self)), heads)  # dask does not recurse
 
     def columns(self, embed_dim: int) -> dict[str, Any]:
         """The columns this stage adds, with their dtypes (the stage's declared meta)."""

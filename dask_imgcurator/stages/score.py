@@ -1,16 +1,19 @@
 """The score stage: run heads on an existing ``embedding`` column (e.g. Parquet written earlier)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
 import dask.dataframe as dd
+from dask.base import tokenize
 import numpy as np
 import pandas as pd
 import torch
 
 from dask_imgcurator.backend import apply_torch_threads, from_pandas_like, to_pandas, worker_device
 from dask_imgcurator.models import HeadSpec, head_spec, load_head
+from dask_imgcurator.models.heads import head_weights_version
 from dask_imgcurator.models.store import absolute_dirs
 from dask_imgcurator.schema import embedding_matrix
 from dask_imgcurator.stages.embed import score_columns
@@ -31,6 +34,11 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         absolute_dirs(self, "model_dir", "cache_dir")
+
+    def __dask_tokenize__(self) -> tuple:
+        # the heads' weights files too: saved over at the same paths, they make another run
+        heads = head_weights_version([h.name for h in self.heads], self.clip_name, self.model_dir, self.cache_dir)
+        return tokenize("ScoreConfig", *(getattr(self, f.name) for f in dataclasses.fields(self)), heads)  # dask does not recurse
 
 
 def score(

@@ -222,3 +222,29 @@ def test_damaged_checkpoint_file_is_named(monkeypatch: pytest.MonkeyPatch, tiny:
         (tmp_path / "ckpt.pt").write_bytes(data)
         with pytest.raises(DamagedWeightsError, match=r"ckpt\.pt is damaged"):
             ClipRef.parse(str(tmp_path / "ckpt.pt"), name=name).load()
+
+
+def test_weights_saved_over_at_the_same_path_are_another_model(tiny: ClipRef, tmp_path: Path) -> None:
+    """A fine-tuned model saved over the old one: another run, and no stale encoder from the cache."""
+    import os
+
+    import dask_imgcurator as ic
+    from dask.base import tokenize
+    from safetensors.torch import load_file, save_file
+
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=2)
+    ddf = ic.read_webdataset(str(tmp_path / "in"))
+    before = tokenize(ic.embed(ddf, tiny))
+    x = torch.randn(2, 3, tiny.info().preprocess.size, tiny.info().preprocess.size)
+    old = tiny.load().encode(x)
+    weights = clip_dir(tiny) / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}, str(weights))
+    stamp = weights.stat().st_mtime + 5
+    os.utime(weights, (stamp, stamp))
+    assert tokenize(ic.embed(ddf, tiny)) != before
+    assert not torch.allclose(tiny.load().encode(x), old)  # the same ref loads the new weights
+    head = clip_dir(tiny).parent.parent / "heads" / "aesthetic" / f"{tiny.slug}.safetensors"
+    middle = tokenize(ic.embed(ddf, tiny))
+    os.utime(head, (stamp + 5, stamp + 5))
+    assert tokenize(ic.embed(ddf, tiny)) != middle  # a head's weights count too
