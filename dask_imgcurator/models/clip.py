@@ -13,7 +13,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .cache import get_cached
 from .. import config
@@ -29,7 +29,7 @@ from .store import (
     is_read_error,
     is_offline,
     search_roots,
-    share_mode,
+    save_unless_same,
     weights_load_error,
 )
 
@@ -255,10 +255,9 @@ def save_clip_dir(model: torch.nn.Module, cfg: dict[str, Any], path: Path) -> No
     """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors)."""
     path.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": cfg, "preprocess_cfg": model.visual.preprocess_cfg}
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_unless_same(path / CONFIG_FILE, json.dumps(config, indent=2).encode())
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    share_mode(path / WEIGHTS_FILE)
+    save_unless_same(path / WEIGHTS_FILE, save(tensors))
 
 
 def clip_info(ref: ClipRef) -> ModelInfo:

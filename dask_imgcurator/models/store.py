@@ -18,6 +18,7 @@ import pickle
 import shutil
 import tempfile
 import urllib.request
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,25 @@ def share_mode(path: str | os.PathLike) -> None:
     cannot read; call this after saving a weights file.
     """
     os.chmod(path, 0o666 & ~_umask())
+
+
+def save_unless_same(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (atomically, umask mode) unless the file already holds exactly it.
+
+    Saving the same weights again leaves the file and its modification time alone: the time is
+    part of what identifies a run (``files_version``), so a rewrite would make the next run another.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.write_bytes(data)
+    share_mode(tmp)
+    os.replace(tmp, path)
 
 
 def download(source: Source, dest: Path) -> None:

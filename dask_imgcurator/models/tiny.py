@@ -8,13 +8,13 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.model import set_model_preprocess_cfg
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..decode.base import OPENAI_MEAN, OPENAI_STD
 from .clip import save_clip_dir
 from .heads import AestheticHead, Head, NsfwHead
 from .ref import ClipRef
-from .store import share_mode
+from .store import save_unless_same
 
 TINY_NAME = "imgcurator-tiny"
 
@@ -97,6 +97,4 @@ def make_tiny_model_dir(
 
 
 def _save_head(head: Head, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
-    share_mode(path)
+    save_unless_same(path, save({k: v.contiguous() for k, v in head.state_dict().items()}))

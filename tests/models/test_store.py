@@ -250,3 +250,17 @@ def test_saved_weights_get_the_umask_mode_not_0600(monkeypatch: pytest.MonkeyPat
     for path in [*weights, dest]:
         assert path.stat().st_mode & 0o777 == 0o640, path
     assert ref.load() is not None
+
+
+def test_saving_the_same_weights_again_leaves_the_file_and_its_time_alone(tmp_path: Path) -> None:
+    """The time is part of a run's identity: the demo's model, made again, must stay the same run."""
+    from dask_imgcurator.models import make_tiny_model_dir
+
+    ref = make_tiny_model_dir(tmp_path / "m")
+    files = sorted(p for p in (tmp_path / "m").rglob("*") if p.is_file())
+    before = {p: p.stat().st_mtime_ns for p in files}
+    again = make_tiny_model_dir(tmp_path / "m")
+    assert again == ref and {p: p.stat().st_mtime_ns for p in files} == before
+    assert sorted(p for p in (tmp_path / "m").rglob("*") if p.is_file()) == files  # no temporaries left
+    make_tiny_model_dir(tmp_path / "m", seed=1)  # another model: its own files
+    assert {p: p.stat().st_mtime_ns for p in files} == before
