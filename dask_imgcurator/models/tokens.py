@@ -38,8 +38,8 @@ def _token(obj: Any, seen: set[int]) -> str:
         return tokenize(obj)
     try:
         source = inspect.getsource(obj)
-    except (OSError, TypeError):  # no source (built in C, typed at a bare prompt): dask's own token
-        return tokenize(obj)
+    except Exception:  # noqa: BLE001 - no source (built in C, typed at a prompt, exec'd text whose
+        return tokenize(obj)  # file name is another file's): dask's own token
     seen = seen | {id(obj)}
     parts = [obj.__module__, obj.__qualname__, source]
     if inspect.isfunction(obj):
