@@ -149,7 +149,8 @@ def write_curated(
         Output directory or fsspec URL (layout in this module's docstring).
     samples_per_shard, rekey : see :func:`to_webdataset`.
     overwrite : bool
-        Replace an output directory that holds a different run.
+        Replace an output directory that holds a different run (keeping its metadata parts where
+        that run computed the same rows: only ``samples_per_shard`` or ``rekey`` differ).
     progress : bool
         Show progress bars.
 
@@ -160,9 +161,10 @@ def write_curated(
     missing = {"kept", "drop_reason", "error"} - set(ddf.columns)
     if missing:
         raise ValueError(f"write_curated needs columns {sorted(missing)}; add them with mark_kept()")
-    params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
+    params = {"samples_per_shard": samples_per_shard, "rekey": rekey, "computation": tokenize(ddf)}
     fingerprint = _fingerprint(ddf, samples_per_shard, rekey)
-    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf))
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf),
+                            parts_dir="metadata")
     fs, root = url_to_fs(out_dir)
     if finished is not None:
         summary = CurationSummary(**{k: v for k, v in finished["summary"].items() if k != "balanced"})

@@ -95,3 +95,21 @@ def test_unreadable_shards_are_counted_apart_from_the_samples(tmp_path):
 
     html = open(write_report(str(tmp_path / "out"), thumbnails=0)).read()
     assert 'data-count="unreadable_shards"' in html and "NO: see summary.json" not in html
+
+
+def test_a_run_that_only_writes_shards_differently_keeps_the_computed_parts(marked, tmp_path):
+    """Changing samples_per_shard or rekey with overwrite must not compute the embeddings again."""
+    out = tmp_path / "out"
+    first = ic.write_curated(marked, str(out), samples_per_shard=4)
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "metadata").glob("part-*.parquet")}
+    with pytest.raises(ic.OutputExistsError, match="different run"):
+        ic.write_curated(marked, str(out), samples_per_shard=5, rekey=True)
+    summary, keys = run_with_task_stream(
+        lambda: ic.write_curated(marked, str(out), samples_per_shard=5, rekey=True, overwrite=True))
+    assert summary.parts_skipped == len(parts) == 3 and task_count(keys, "stage-part") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "metadata").glob("part-*.parquet")} == parts
+    assert (summary.kept, summary.written, summary.samples_in) == (first.kept, first.written, first.samples_in)
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == [f"{i:05d}.tar" for i in range(-(-first.kept // 5))]
+    other = ic.mark_kept(marked, ~marked.key.str.endswith("2"))  # another filter: other rows, computed again
+    again = ic.write_curated(other, str(out), samples_per_shard=5, overwrite=True)
+    assert again.parts_skipped == 0

@@ -149,7 +149,8 @@ def to_webdataset(
         Rename samples ``{shard:05d}{index:0Nd}``; the old key is kept in column ``source_key``.
     overwrite : bool
         Replace the output of a different earlier run instead of refusing: only the files such a
-        run writes are removed, and a directory holding anything else is still refused.
+        run writes are removed (its staged parts are kept where it computed the same rows), and a
+        directory holding anything else, or the files ``ddf`` reads, is still refused.
     progress : bool
         Show progress bars.
 
@@ -176,9 +177,10 @@ def to_webdataset(
     >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
     4
     """
-    params = {"samples_per_shard": samples_per_shard, "rekey": rekey}
+    params = {"samples_per_shard": samples_per_shard, "rekey": rekey, "computation": tokenize(ddf)}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
-    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf))
+    finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf),
+                            parts_dir=STAGING_DIR)
     if finished is not None:  # this exact write already completed
         return WriteResult(out_dir, finished["samples"], finished["shards"], len(finished["shards"]))
     fs, root = url_to_fs(out_dir)
@@ -442,13 +444,17 @@ def shard_name(j: int) -> str:
 
 
 def claim_output(
-    out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False, inputs: Iterable[str] = ()
+    out_dir: str, fingerprint: str, params: dict, *, overwrite: bool = False, inputs: Iterable[str] = (),
+    parts_dir: str | None = None,
 ) -> dict | None:
     """Make ``out_dir`` ours for the run identified by ``fingerprint``.
 
     Returns the finished manifest when this same run already completed there, else None after
     leaving a run marker (and, with ``overwrite``, removing an earlier run's files). Refuses as
-    :func:`check_output` does.
+    :func:`check_output` does. Where ``params["computation"]`` (the token of the rows the run
+    computes) is the earlier run's too, its staged parts in the subdirectory ``parts_dir`` are kept
+    for this run: a run that differs only in how it writes shards (``samples_per_shard``, ``rekey``)
+    does not compute the embeddings again.
     """
     fs, root = url_to_fs(out_dir)
     verdict = _output_verdict(out_dir, fingerprint, params, overwrite, inputs)
@@ -457,7 +463,13 @@ def claim_output(
     if verdict == "resume":
         return None
     if verdict == "replace":
-        fs.rm(fs.ls(root, detail=False), recursive=True)
+        previous = _read_json(fs, posixpath.join(root, MANIFEST)) or _read_json(fs, posixpath.join(root, RUN_MARKER)) or {}
+        same_rows = parts_dir is not None and params.get("computation") is not None and \
+            previous.get("computation") == params["computation"]
+        kept = {posixpath.join(posixpath.normpath(root), parts_dir)} if same_rows else set()
+        gone = [p for p in fs.ls(root, detail=False) if posixpath.normpath(p) not in kept]
+        if gone:
+            fs.rm(gone, recursive=True)
     try:
         fs.makedirs(root, exist_ok=True)
         marker = json.dumps({"fingerprint": fingerprint, **params}, indent=1).encode()
