@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    previous = _stop_on_sigterm()
+    previous = _stop_on_signals()
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ignore_half_made_futures() -> None:
@@ -97,7 +97,8 @@ def _interrupts_deferred():
     """Hold Ctrl-C and SIGTERM until the block is done, then stop as they would have.
 
     A cluster interrupted halfway through its start is left to distributed's exit handler, which
-    fails on it with a traceback; once started, the cluster closes cleanly on the way out.
+    fails on it with a traceback; once started, the cluster closes cleanly on the way out. Worker
+    processes started in the block never receive Ctrl-C (see below).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -110,13 +111,27 @@ def _interrupts_deferred():
         received.append(signum)
 
     previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C reaches the terminal's whole process group, worker processes included: with SIGINT
+    # blocked here, the threads started in the block (distributed's event loop) and the worker
+    # processes they spawn inherit the blocked mask and never get it (they printed KeyboardInterrupt
+    # tracebacks from their imports, and the run exited 1); this process stops them cleanly instead
+    block = hasattr(signal, "pthread_sigmask")
+    if block:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # started later, it would unblock SIGINT in the thread that starts it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        if block:
+            if signal.sigtimedwait({signal.SIGINT}, 0) is not None:  # a Ctrl-C held meanwhile
+                hold(signal.SIGINT, None)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Interrupted
 
 
 def _print_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -124,15 +139,27 @@ def _print_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     return 2
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM (a scheduler's preemption, ``kill``) stop a run like Ctrl-C: cleanly, resumable."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised by this CLI's own handlers.
+
+    Not a bare KeyboardInterrupt: Python 3.11 marks the process as killed by Ctrl-C when one
+    goes through code that a C extension runs as a string (optree imports modules that way),
+    even when it is caught, and the run then exited by SIGINT (-2) instead of with status 130.
+    """
+
+
+def _interrupt(signum, frame):
+    raise Interrupted
+
+
+def _stop_on_signals() -> dict:
+    """Make SIGTERM (a scheduler's preemption, ``kill``) stop a run like Ctrl-C: cleanly, resumable.
+
+    Returns the handlers replaced, to restore.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
+        return {}
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _late_user_errors() -> tuple[type[BaseException], ...]:

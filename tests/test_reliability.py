@@ -73,16 +73,20 @@ def test_interrupted_cli_resumes_to_the_same_output(workload, reference, tmp_pat
     root, ref = workload
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(curate_cmd(root, ref, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(curate_cmd(root, ref, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while not list((out / "metadata").glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:  # Ctrl-C: to the terminal's whole process group, worker processes included
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, err
-    assert "interrupted: completed work is kept" in err and "Traceback" not in err
+    assert "interrupted: completed work is kept" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
     done = len(list((out / "metadata").glob("part-*.parquet")))
     assert 1 <= done < 6
 
