@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = _stop_on_signals()
     try:
-        return args.run(args) or 0
+        with _warnings_as_lines():
+            return args.run(args) or 0
     except KeyboardInterrupt:
         _ignore_half_made_futures()
         print("\ninterrupted: completed work is kept; run the same command again to resume", file=sys.stderr)
@@ -61,6 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Print warnings meant for the user as ``warning: ...`` lines, like errors (no source file and line).
+
+    Deprecation notices, which are for developers, keep Python's format.
+    """
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            return previous(message, category, filename, lineno, file, line)
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _ignore_half_made_futures() -> None:

@@ -59,12 +59,28 @@ def test_reshard_with_out_inside_the_input_folder_leaves_its_own_shards_out(demo
     before = [t.read_bytes() for t in tars]
     assert main(argv) == 0, capsys.readouterr().err  # the directory now also holds curated/shards/*.tar
     captured = capsys.readouterr()
-    assert f"leaving out {len(tars)} shard(s) under {data / 'curated'}/shards" in captured.err
+    assert f"warning: leaving out {len(tars)} .tar file(s) in {data / 'curated'}," in captured.err
     assert "samples in: 8 = kept 8" in first and "samples in: 8 = kept 8" in captured.out
     assert "already complete" in captured.out
     assert [t.read_bytes() for t in sorted((data / "curated" / "shards").glob("*.tar"))] == before
     # the run's folder names the sample once each: read_parquet(OUT) reads OUT/metadata, not OUT/shards too
     assert len(ic.read_parquet(str(data / "curated")).compute()) == 8
+
+
+def test_a_second_output_inside_the_input_folder_does_not_read_the_first(demo_input, tmp_path, capsys):
+    """curate data --out data/v1, then --out data/v2: v2 read data/v1/shards/*.tar as inputs too (the
+    samples twice, under the same keys), and v1 run again would read v2's."""
+    data = tmp_path / "data"
+    ic.make_demo_shards(str(data), n_shards=2, samples_per_shard=4)
+    for out in ("v1", "v2"):
+        assert main(["reshard", str(data), "--out", str(data / out), "--samples-per-shard", "3"]) == 0
+        captured = capsys.readouterr()
+        assert "samples in: 8 = kept 8" in captured.out, captured
+    assert f"warning: leaving out 3 .tar file(s) in {data / 'v1'}," in captured.err
+    assert "UserWarning" not in captured.err
+    # naming the earlier output reads it
+    assert main(["inspect", str(data / "v1" / "shards")]) == 0
+    assert "3 shards, 8 samples" in capsys.readouterr().out
 
 
 def test_index_into_one_folder_refuses_shards_that_share_a_name(demo_input, tmp_path, capsys):

@@ -5,9 +5,11 @@ members (``.txt`` captions, ``.json``) are read afterwards because they become c
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -75,7 +77,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     ----------
     spec : str, path-like, or a sequence of them
         A path or fsspec URL, a glob (``data/*.tar``), a brace range (``shard-{00000..00099}.tar``),
-        a directory (all ``*.tar`` inside), or a list of any of these.
+        a directory (all ``*.tar`` inside, at any depth, less the output folders of earlier
+        imgcurator runs inside it: see below), or a list of any of these.
 
     Returns
     -------
@@ -90,6 +93,14 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     FileNotFoundError
         When a path does not exist or a pattern matches nothing. An existing path is taken
         literally even when it contains glob characters (``[2024] set/x.tar``).
+
+    Warns
+    -----
+    UserWarning
+        When a directory holds folders written by an earlier run (``--out`` inside the input
+        folder): their shards, the curated copies of the inputs, are left out, so that a run
+        does not curate its inputs twice and every run of the same command reads the same
+        shards. Name such a folder itself (or a glob) to read its shards.
 
     Examples
     --------
@@ -128,11 +139,41 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
             raise FileNotFoundError(f"pattern {url!r} matched no files") from None
         return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
     if info.get("type") == "directory":
-        found = {p: i for p, i in fs.find(path, detail=True).items() if p.lower().endswith(".tar")}
+        listing = fs.find(path, detail=True)
+        found = {p: i for p, i in listing.items() if p.lower().endswith(".tar")}
+        for folder in _earlier_outputs(fs, path, listing):
+            inside = [p for p in found if p.startswith(folder + "/")]
+            if inside:
+                warnings.warn(
+                    f"leaving out {len(inside)} .tar file(s) in {full_url(fs, folder)}, inside the input folder "
+                    f"{url}: an imgcurator run wrote them; name that folder to read them", UserWarning, stacklevel=4,
+                )
+                found = {p: i for p, i in found.items() if not p.startswith(folder + "/")}
         if not found:
-            raise FileNotFoundError(f"directory {url!r} holds no .tar files")
+            raise FileNotFoundError(f"directory {url!r} holds no .tar files (outside earlier runs' outputs)")
         return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
     return [(full_url(fs, path), shard_version(info))]
+
+
+def _earlier_outputs(fs: fsspec.AbstractFileSystem, root: str, listing: Iterable[str]) -> list[str]:
+    """Folders below ``root`` holding the record of a run that wrote shards there (complete or not)."""
+    from dask_imgcurator.io.writer import MANIFEST, RUN_MARKER
+
+    root = root.rstrip("/")
+    folders = []
+    for path in listing:
+        folder, name = posixpath.split(path)
+        if name in (MANIFEST, RUN_MARKER) and folder != root and _is_run_record(fs, path):
+            folders.append(folder)
+    return folders
+
+
+def _is_run_record(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    try:
+        record = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "fingerprint" in record
 
 
 #: Fields of an fsspec ``info()`` that change when a file's content is replaced: content tags

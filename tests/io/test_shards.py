@@ -36,6 +36,28 @@ def test_expand_memory_urls():
     assert expand_shards("memory://exp/*.tar") == ["memory:///exp/b-0.tar", "memory:///exp/b-1.tar"]
 
 
+def test_a_directory_leaves_out_the_folders_earlier_runs_wrote_inside_it():
+    """Only folders holding a run's record (manifest.json / _run.json with a fingerprint) are left
+    out, with a warning; a user's own manifest.json is data, and naming an output folder reads it."""
+    fs = fsspec.filesystem("memory")
+    for path in ("/runs/in-0.tar", "/runs/more/in-1.tar", "/runs/out/shards/00000.tar", "/runs/part/shards/00000.tar",
+                 "/runs/mine/x.tar"):
+        fs.pipe(path, b"x")
+    fs.pipe("/runs/out/shards/manifest.json", b'{"fingerprint": "abc", "shards": []}')
+    fs.pipe("/runs/part/shards/_run.json", b'{"fingerprint": "def"}')  # a run still in progress
+    fs.pipe("/runs/mine/manifest.json", b'{"files": ["x.tar"]}')
+    with pytest.warns(UserWarning) as caught:
+        urls = expand_shards("memory://runs")
+    assert urls == ["memory:///runs/in-0.tar", "memory:///runs/mine/x.tar", "memory:///runs/more/in-1.tar"]
+    assert sorted(str(w.message).split(",")[0] for w in caught) == [
+        "leaving out 1 .tar file(s) in memory:///runs/out/shards", "leaving out 1 .tar file(s) in memory:///runs/part/shards",
+    ]
+    assert expand_shards("memory://runs/out/shards") == ["memory:///runs/out/shards/00000.tar"]
+    assert expand_shards("memory://runs/*/shards/*.tar") == [
+        "memory:///runs/out/shards/00000.tar", "memory:///runs/part/shards/00000.tar",
+    ]
+
+
 @pytest.mark.parametrize("spec, phrase", [("/no/such/file.tar", "no such shard"), ("/no/such/*.tar", "matched no files")])
 def test_expand_missing_paths_name_the_path(spec, phrase):
     with pytest.raises(FileNotFoundError, match=phrase):
