@@ -130,6 +130,22 @@ def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
     assert emb.shape == (len(written), 32)
 
 
+def test_a_model_dir_moved_with_its_files_times_is_the_same_run(demo_input, tmp_path, capsys):
+    """The weights' folder (and --offline) is not what identifies a run: the same weights moved
+    (mv, rsync -a) resume the run; weights saved over are another run (tests/models/test_clip.py)."""
+    import shutil
+
+    root, _ = demo_input
+    first = make_tiny_model_dir(tmp_path / "models")
+    base = ["curate", str(root / "in"), "--out", str(tmp_path / "cur"), "--model", f"{first.name}/{first.pretrained}",
+            "--workers", "1", "--decoder", "pillow"]
+    assert main([*base, "--model-dir", first.model_dir, "--offline"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    moved = shutil.move(first.model_dir, tmp_path / "elsewhere")
+    assert main([*base, "--model-dir", str(moved)]) == 0, capsys.readouterr().err
+    assert "already complete" in capsys.readouterr().out
+
+
 def test_no_draft_is_passed_to_embed(demo_input, tmp_path, capsys, monkeypatch):
     from dask_imgcurator.stages import embed as embed_module
 

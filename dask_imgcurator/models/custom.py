@@ -45,7 +45,8 @@ class CustomModel:
         object.__setattr__(self, "token", tokenize(stable_token(self.factory), self.preprocess))
 
     def __dask_tokenize__(self) -> tuple:
-        return ("CustomModel", self.name, self.token, self.embed_dim, self.model_dir, self.cache_dir, self.offline)
+        # not where heads' weights are looked for: EmbedConfig's token takes their files' versions
+        return ("CustomModel", self.name, self.token, self.embed_dim)
 
     @property
     def head_family(self) -> str:

@@ -146,11 +146,15 @@ class ClipRef:
         return self.name if self.pretrained is None else f"{self.name}/{self.pretrained}"
 
     def __dask_tokenize__(self) -> tuple:
-        # the local weights' version too: weights saved over the old ones at the same path are another run
+        # What the weights are, not where they are found: the name or tag, and the local weights'
+        # names, sizes and times (weights saved over the old ones at the same path are another run;
+        # a model dir moved with its files' times is the same one). Not ``offline`` either: it only
+        # says whether a download may happen.
         from .clip import weights_version
 
-        return ("ClipRef", self.name, self.pretrained, self.model_dir, self.cache_dir, self.offline,
-                weights_version(self))
+        kind = self.kind
+        identity = str(self) if kind in ("tag", "hf-hub") else self.slug  # a local dir's or checkpoint's own name
+        return ("ClipRef", kind, identity, weights_version(self))
 
     def load(self, device: str = "cpu", precision: str = "fp32"):
         """Load (or reuse from the per-worker cache) the encoder; see ``load_clip``."""

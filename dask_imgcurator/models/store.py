@@ -197,11 +197,18 @@ def search_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLi
     return ([Path(model_dir).expanduser()] if model_dir else []) + [cache]
 
 
+#: Fields of the model configurations that say where weights are looked for and whether they may be
+#: downloaded: left out of run fingerprints, which take the weights' :func:`files_version` instead.
+WHERE_WEIGHTS_ARE = ("model_dir", "cache_dir", "offline")
+
+
 def files_version(paths: list[Path]) -> str:
-    """Size and modification time of each existing file of ``paths``: changes when one is replaced.
+    """Name, size and modification time of each existing file of ``paths``: changes when one is replaced.
 
     Part of a run's fingerprint and of the worker cache's keys, so that weights saved over the old
-    ones at the same path (a fine-tuned checkpoint) make another run, not the old results.
+    ones at the same path (a fine-tuned checkpoint) make another run, not the old results. Not the
+    folder: weights moved or copied elsewhere with their times (``mv``, ``rsync -a``, ``cp -p``)
+    are the same weights, and a run interrupted before the move resumes after it.
     """
     stats = []
     for path in paths:
@@ -209,7 +216,7 @@ def files_version(paths: list[Path]) -> str:
             info = os.stat(path)
         except OSError:
             continue
-        stats.append(f"{path}:{info.st_size}:{info.st_mtime_ns}")
+        stats.append(f"{Path(path).name}:{info.st_size}:{info.st_mtime_ns}")
     return " ".join(stats)
 
 

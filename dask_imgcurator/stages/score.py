@@ -14,7 +14,7 @@ import torch
 from dask_imgcurator.backend import apply_torch_threads, from_pandas_like, to_pandas, worker_device
 from dask_imgcurator.models import HeadSpec, head_spec, load_head
 from dask_imgcurator.models.heads import head_weights_version
-from dask_imgcurator.models.store import absolute_dirs
+from dask_imgcurator.models.store import WHERE_WEIGHTS_ARE, absolute_dirs
 from dask_imgcurator.schema import embedding_matrix
 from dask_imgcurator.stages.embed import score_columns
 
@@ -36,9 +36,11 @@ class ScoreConfig:
         absolute_dirs(self, "model_dir", "cache_dir")
 
     def __dask_tokenize__(self) -> tuple:
-        # the heads' weights files too: saved over at the same paths, they make another run
+        # the heads' weights files (saved over at the same paths, they make another run), not the
+        # folders they are found in (see files_version) nor whether downloads are allowed
         heads = head_weights_version([h.name for h in self.heads], self.clip_name, self.model_dir, self.cache_dir)
-        return tokenize("ScoreConfig", *(getattr(self, f.name) for f in dataclasses.fields(self)), heads)  # dask does not recurse
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in WHERE_WEIGHTS_ARE]
+        return tokenize("ScoreConfig", *fields, heads)  # dask does not recurse
 
 
 def score(
