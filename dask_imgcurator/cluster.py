@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -490,6 +491,13 @@ def slurm_cluster(
     -------
     dask_jobqueue.SLURMCluster
         ``cluster.job_script()`` shows the job it submits; close the cluster to cancel the jobs.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``sbatch`` is not on PATH (not a node of a SLURM cluster).
+    ValueError
+        When dask-jobqueue is not installed.
     """
     try:
         from dask_jobqueue import SLURMCluster
@@ -497,6 +505,12 @@ def slurm_cluster(
         raise ValueError(
             "the slurm cluster needs dask-jobqueue: pip install dask-jobqueue (or the project's [slurm] extra)"
         ) from None
+    submit = shlex.split(SLURMCluster.job_cls.submit_command)[0]
+    if shutil.which(submit) is None:  # else a traceback from the first job's submission, and a run that waits forever
+        raise FileNotFoundError(
+            f"the slurm cluster submits its worker jobs with {submit}, which is not on PATH: run on a node of the SLURM "
+            "cluster (a login node), or use another cluster (--cluster local, or --scheduler ADDRESS)"
+        )
     s = config.section(
         "slurm", queue=queue, account=account, cores=cores, processes=processes,
         threads_per_worker=threads_per_worker, memory=memory, gpus=gpus, walltime=walltime, job_name=job_name,

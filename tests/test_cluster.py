@@ -310,11 +310,41 @@ def test_cli_caps_default_local_workers_at_the_number_of_input_shards(monkeypatc
 # ----------------------------------------------------------------------------- SLURM job scripts (no SLURM needed)
 
 
+@pytest.fixture
+def sbatch_on_path(tmp_path, monkeypatch):
+    """An ``sbatch`` to find where SLURM is not installed: these tests submit no job."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        stub = tmp_path / "bin" / "sbatch"
+        stub.parent.mkdir()
+        stub.write_text("#!/bin/sh\necho 'no SLURM here' >&2\nexit 1\n")
+        stub.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_cluster_without_sbatch_says_so_before_it_starts(tmp_path, monkeypatch, capsys):
+    """Off a SLURM node: one error naming sbatch (exit 2), not tracebacks from a submission and a wait."""
+    pytest.importorskip("dask_jobqueue")
+    from dask_imgcurator.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch (nor anything else) on it
+    with pytest.raises(FileNotFoundError, match="submits its worker jobs with sbatch, which is not on PATH"):
+        cl.slurm_cluster(jobs=1)
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=2)
+    ref = ic.make_tiny_model_dir(tmp_path / "models")
+    argv = ["curate", str(tmp_path / "in"), "--out", str(tmp_path / "cur"), "--cluster", "slurm",
+            "--model", f"{ref.name}/{ref.pretrained}", "--model-dir", ref.model_dir]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the slurm cluster submits its worker jobs with sbatch") and "Traceback" not in err
+
+
 def _plugins_on(cluster) -> dict:
     return {name: pickle.loads(blob) for name, blob in cluster.scheduler.worker_plugins.items()}
 
 
-def test_slurm_job_script_has_gres_walltime_environment_and_scratch():
+def test_slurm_job_script_has_gres_walltime_environment_and_scratch(sbatch_on_path):
     pytest.importorskip("dask_jobqueue")
     with cl.slurm_cluster(
         jobs=0, gpus=2, cores=16, memory="64GiB", walltime="02:30:00", queue="gpu", account="proj42",
@@ -340,7 +370,7 @@ def test_slurm_job_script_has_gres_walltime_environment_and_scratch():
     assert "imgcurator-pin-gpu" in plugins
 
 
-def test_slurm_job_script_defaults_come_from_config(env):
+def test_slurm_job_script_defaults_come_from_config(env, sbatch_on_path):
     pytest.importorskip("dask_jobqueue")
     env(DASK_IMGCURATOR__SLURM__WALLTIME="00:20:00", DASK_IMGCURATOR__SLURM__CORES="4",
         DASK_IMGCURATOR__SLURM__JOB_SCRIPT_PROLOGUE='["export HF_HUB_OFFLINE=1"]',
@@ -472,7 +502,7 @@ def test_housekeeping_setting_set_to_null_keeps_dasks_value(env):
         assert list(client.run(lambda: dask.config.get("distributed.admin.system-monitor.interval")).values()) == ["2s"]
 
 
-def test_slurm_job_script_exports_housekeeping_settings_before_the_users_prologue():
+def test_slurm_job_script_exports_housekeeping_settings_before_the_users_prologue(sbatch_on_path):
     pytest.importorskip("dask_jobqueue")
     with cl.slurm_cluster(jobs=0, job_script_prologue=["source /venv/bin/activate"],
                           scheduler_options={"host": "127.0.0.1"}) as cluster:
