@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS + _late_user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        if "install" not in str(exc).lower():  # a broken installation: the traceback is what helps
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # "Install s3fs to access S3": an optional package missing
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -113,6 +118,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _dashboard_address(text: str) -> str:
+    """argparse type of --dashboard: ``[HOST]:PORT`` (or just PORT), checked before a cluster starts on it."""
+    port = text.rpartition(":")[2]
+    if text and not (port.isdigit() and int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected [HOST]:PORT with a port from 0 to 65535 (e.g. :8787), got {text!r}")
+    return text
 
 
 @contextlib.contextmanager
@@ -306,7 +319,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=_positive_int, metavar="N", help="local worker processes (default: one per core where memory allows, at most one per input shard; or one per GPU)")
     g.add_argument("--torch-threads", type=_positive_int, metavar="N", help="torch threads per worker (default: its share of the cores)")
     g.add_argument(
-        "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT",
+        "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT", type=_dashboard_address,
         help="serve the dask dashboard at this address (e.g. :8787; the link is always printed)",
     )
     g.add_argument("--cluster-config", metavar="FILE", help="YAML file of 'imgcurator:' settings (like imgcurator.yaml)")

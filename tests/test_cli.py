@@ -179,6 +179,32 @@ def test_user_errors_are_one_clear_line(demo_input, tmp_path, capsys, argv, phra
     assert phrase in err and "Traceback" not in err
 
 
+def test_a_url_whose_filesystem_package_is_missing_is_one_clear_line(capsys, monkeypatch):
+    """fsspec says which package a protocol needs ("Install s3fs to access S3") with an ImportError."""
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "nopkg",
+                        {"class": "no_such_package.NoFileSystem", "err": "Install no-such-package to access nopkg://"})
+    assert main(["inspect", "nopkg://bucket/x.tar"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: Install no-such-package to access nopkg://\n"
+
+
+@pytest.mark.parametrize("address", ["99999", ":70000", "localhost:", "localhost", "0.0.0.0:87a"])
+def test_a_bad_dashboard_address_is_a_usage_error(address, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["curate", "IN", "--out", "OUT", f"--dashboard={address}"])
+    assert stop.value.code == 2
+    assert f"argument --dashboard: expected [HOST]:PORT with a port from 0 to 65535 (e.g. :8787), got {address!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", [":8787", "8787", "127.0.0.1:0", "[::1]:8787"])
+def test_good_dashboard_addresses_parse(address):
+    from dask_imgcurator.cli import build_parser
+
+    assert build_parser().parse_args(["curate", "IN", "--out", "OUT", f"--dashboard={address}"]).dashboard == address
+
+
 def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
     root, _ = demo_input
     monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))
