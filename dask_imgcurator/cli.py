@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write an HTML report of a run: counts, score plots, thumbnails, failures")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory of a curate or reshard run")
-    p.add_argument("--out", metavar="PATH", help="HTML file to write (default: OUT_DIR/report.html)")
+    p.add_argument("--out", metavar="PATH", help="HTML file to write, or a directory to write report.html in (default: OUT_DIR/report.html)")
     p.add_argument("--thumbnails", type=int, default=12, metavar="N",
                    help="kept and filtered samples to show, each (default 12; 0 for none)")
     p.set_defaults(run=cmd_report)

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import operator
+import os
 import textwrap
 import posixpath
 import uuid
@@ -234,7 +235,8 @@ def write_report(out_dir: str, path: str | None = None, *, thumbnails: int = 12,
         Output directory of a run (``imgcurator curate``, ``reshard`` or
         :func:`~dask_imgcurator.write_curated`): local path or fsspec URL.
     path : str, optional
-        Where to write the page (local path or fsspec URL). Default ``OUT_DIR/report.html``.
+        Where to write the page (local path or fsspec URL). Default ``OUT_DIR/report.html``; a
+        directory (an existing one, or a path ending with ``/``) gets its own ``report.html``.
     thumbnails : int
         How many kept and how many filtered samples to show (each); 0 shows none. Images are
         read from the source shards named in the metadata, or from the run's output shards
@@ -265,6 +267,7 @@ def write_report(out_dir: str, path: str | None = None, *, thumbnails: int = 12,
     if thumbnails < 0 or max_failures < 0:
         raise ValueError("thumbnails and max_failures must be >= 0")
     fs, root = url_to_fs(out_dir)
+    target = _report_path(path) if path is not None else full_url(fs, posixpath.join(root, REPORT))
     summary_path = posixpath.join(root, SUMMARY)
     if not fs.exists(summary_path):
         raise FileNotFoundError(
@@ -308,9 +311,17 @@ def write_report(out_dir: str, path: str | None = None, *, thumbnails: int = 12,
     )
     page.failures(detail_of(failed_shown), len(failed))
 
-    target = path if path is not None else full_url(fs, posixpath.join(root, REPORT))
     _write_atomic(target, page.html())
     return target
+
+
+def _report_path(path: str | os.PathLike) -> str:
+    """``path``, or ``path/report.html`` where it names a directory."""
+    path = os.fspath(path)
+    target_fs, target = url_to_fs(path)
+    if path.endswith("/") or target_fs.isdir(target):
+        return full_url(target_fs, posixpath.join(target.rstrip("/"), REPORT))
+    return path
 
 
 # ----------------------------------------------------------------------------- reading the run

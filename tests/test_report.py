@@ -157,6 +157,18 @@ def test_report_path_option_and_no_thumbnails(demo_run, tmp_path):
     assert not list(target.parent.glob(".*.tmp"))
 
 
+def test_report_path_naming_a_directory_writes_report_html_inside(demo_run, tmp_path):
+    """--out EXISTING_DIR wrote the page to a hidden temporary file in it, then renamed that to... the dir."""
+    out, _, _ = demo_run
+    existing = tmp_path / "reports"
+    existing.mkdir()
+    assert write_report(str(out), str(existing), thumbnails=0) == str(existing / "report.html")
+    assert write_report(str(out), f"{tmp_path / 'new'}/", thumbnails=0) == str(tmp_path / "new" / "report.html")
+    for folder in (existing, tmp_path / "new"):
+        assert [p.name for p in folder.iterdir()] == ["report.html"]
+        assert "<html" in (folder / "report.html").read_text()
+
+
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="summary.json"):
         write_report(str(tmp_path))
