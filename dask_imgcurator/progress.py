@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any, Sequence
 
@@ -62,10 +63,12 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 class LogProgress:
-    """A progress bar for logs: one plain line (tqdm's text, no bar) at most every ``interval`` and at close.
+    """A progress bar for logs: one plain line (tqdm's text, no bar) every ``interval`` and at close.
 
     Nothing is printed before the first interval has passed, so a phase that ends quickly
-    leaves a single line: what it did and how fast.
+    leaves a single line: what it did and how fast. After that a line comes every interval
+    even while nothing finishes (a long first shard, a SLURM job waiting for its workers), so
+    that a log that stops growing means a stopped run.
 
     >>> import io
     >>> out = io.StringIO()
@@ -82,21 +85,26 @@ class LogProgress:
         self._file = file
         self._start = self._shown = time.monotonic()
         self._closed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if 0 < self.interval < float("inf"):
+            threading.Thread(target=self._heartbeat, name=f"progress-{desc}", daemon=True).start()
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` more units done; print a line when the interval has passed."""
         self.n += n
-        if time.monotonic() - self._shown >= self.interval:
-            self._show()
+        self._show_if_due()
 
     def refresh(self) -> None:
         """Nothing to redraw in a log (the next line shows any change)."""
 
     def close(self) -> None:
         """Print the closing line, once."""
-        if not self._closed:
-            self._closed = True
-            self._show()
+        self._stop.set()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._show()
 
     def __str__(self) -> str:
         elapsed = time.monotonic() - self._start
@@ -107,7 +115,17 @@ class LogProgress:
             timing += f"<{terminal_tqdm.format_interval((self.total - self.n) / rate)}"
         speed = f", {rate:.3g} {self.unit}/s" if rate else ""
         of = f"/{self.total}" if self.total is not None else ""
-        return f"{self.desc}: {done}{self.n}{of} {_plural(self.unit, self.n)} [{timing}{speed}]"
+        counted = self.total if self.total is not None else self.n  # "1/6 shards", "1 shard"
+        return f"{self.desc}: {done}{self.n}{of} {_plural(self.unit, counted)} [{timing}{speed}]"
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval / 4):
+            self._show_if_due()
+
+    def _show_if_due(self) -> None:
+        with self._lock:  # a line at a time, none after the closing one
+            if not self._closed and time.monotonic() - self._shown >= self.interval:
+                self._show()
 
     def _show(self) -> None:
         self._shown = time.monotonic()

@@ -1,5 +1,6 @@
 """run_tasks and compute_in_order: results in order, tasks started roughly in list order."""
 import threading
+import time
 
 import dask
 import pytest
@@ -87,6 +88,22 @@ def test_a_log_gets_plain_lines_at_the_interval_and_at_the_end(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines == ["input shards: 75% 3/4 shards [00:35<00:11, 0.0857 shard/s]",
                      "input shards: 80% 4/5 shards [00:40<00:10, 0.1 shard/s]"]
+
+
+def test_a_log_gets_a_line_every_interval_even_while_nothing_finishes():
+    """A SLURM log that stays silent for an hour cannot tell a long first shard from a hung run."""
+    import io
+
+    out = io.StringIO()
+    bar = progress.LogProgress(6, "input shards", "shard", interval=0.05, file=out)
+    deadline = time.monotonic() + 30
+    while len(out.getvalue().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and all(line.startswith("input shards: 0% 0/6 shards [") for line in lines)
+    time.sleep(0.2)
+    assert out.getvalue().splitlines() == lines  # nothing after the closing line
 
 
 def test_a_log_bar_without_a_total_counts_alone():
