@@ -283,7 +283,8 @@ def _add_curate_options(p: argparse.ArgumentParser) -> None:
         "--filter", action="append", metavar="EXPR",
         help='keep rows matching EXPR, e.g. "aesthetic_score >= 5 and nsfw_score < 0.5" (repeat to AND)',
     )
-    p.add_argument("--model", default="ViT-L-14/openai", help="CLIP model: NAME/TAG, hf-hub:ORG/REPO, a dir or checkpoint")
+    p.add_argument("--model", default="ViT-L-14/openai", help="CLIP model: NAME/TAG, hf-hub:ORG/REPO, a model dir, or a checkpoint file as ARCH/PATH "
+                        "(ViT-B-32//data/ft.pt; a bare checkpoint path means ViT-L-14)")
     p.add_argument("--model-dir", help="prepared model directory (see `imgcurator models download`)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated score heads (default aesthetic,nsfw)")
@@ -389,26 +390,28 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
         if opt("scheduler"):
             client = stack.enter_context(_connect(opt("scheduler")))
         else:
-            from dask_imgcurator.cluster import make_cluster
+            from dask_imgcurator.cluster import QuietTaskFailures, make_cluster
 
             kind = config.get("cluster.kind", opt("cluster"))
             with _interrupts_deferred():
                 cluster = stack.enter_context(make_cluster(kind, **_cluster_kwargs(args, kind, partitions)))
                 client = stack.enter_context(Client(cluster))
+                client.register_plugin(QuietTaskFailures())  # main() prints a failed task's error
             if kind == "slurm":
                 # No wait_for_workers here: an adaptive cluster starts jobs only once there is work.
                 print(f"SLURM cluster started; the work begins when its jobs ({cluster.job_name}) are running",
                       file=sys.stderr)
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         # runs first when the block exits; the workers of a cluster we started print to our terminal too
-        stack.push(functools.partial(_quiet_teardown_on_interrupt, None if opt("scheduler") else client))
+        stack.push(functools.partial(_quiet_teardown, None if opt("scheduler") else client))
         yield client
 
 
-def _quiet_teardown_on_interrupt(client, exc_type, exc, tb) -> bool:
-    """On Ctrl-C/SIGTERM, keep distributed's shutdown noise (cancelled-task tracebacks) off the terminal:
-    in this process, and in the workers and nannies of ``client`` (the cluster this run started)."""
-    if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+def _quiet_teardown(client, exc_type, exc, tb) -> bool:
+    """On Ctrl-C/SIGTERM or an error, keep distributed's shutdown noise (cancelled tasks, workers killed
+    after a timeout) off the terminal: in this process, and in the workers and nannies of ``client``
+    (the cluster this run started). main() reports the stop or the error itself."""
+    if exc_type is not None:
         _silence_distributed_logs()
         if client is not None:
             for nanny in (False, True):

@@ -20,6 +20,7 @@ Settings come from the ``imgcurator`` namespace of dask's config (see
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -101,6 +102,23 @@ class StopWorkerProfiler(WorkerPlugin):
             callback = worker.periodic_callbacks.pop(name, None)
             if callback is not None:
                 callback.stop()
+
+
+class QuietTaskFailures(WorkerPlugin):
+    """Drop each worker's "Compute Failed" log record (the task, its exception and traceback).
+
+    For clients that report a failed task's exception themselves, as the CLI does in one line:
+    the worker's copy of it was a screenful of repr'd traceback before that line.
+    """
+
+    name = "imgcurator-quiet-task-failures"
+
+    def setup(self, worker) -> None:
+        logging.getLogger("distributed.worker").addFilter(_not_compute_failed)
+
+
+def _not_compute_failed(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Compute Failed")
 
 
 def _worker_plugins(torch_threads: int) -> list[WorkerPlugin]:

@@ -205,6 +205,24 @@ def test_good_dashboard_addresses_parse(address):
     assert build_parser().parse_args(["curate", "IN", "--out", "OUT", f"--dashboard={address}"]).dashboard == address
 
 
+def test_a_model_error_in_the_workers_is_one_line_without_their_logs(demo_input, tmp_path, capfd):
+    """A checkpoint of another architecture than the bare path's ViT-L-14 fails in every worker: the
+    run printed each worker's "Compute Failed" record (a repr'd traceback) and shutdown warnings."""
+    import open_clip
+    import torch
+
+    from dask_imgcurator.models.clip import clip_dir
+
+    root, ref = demo_input
+    torch.save(open_clip.create_model(f"local-dir:{clip_dir(ref)}").state_dict(), tmp_path / "ckpt.pt")
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "ckpt.pt"),
+            "--heads", "", "--workers", "1", "--decoder", "pillow"]
+    assert main(argv) == 2
+    err = capfd.readouterr().err  # the worker processes' output too
+    assert f"error: checkpoint {tmp_path / 'ckpt.pt'} does not fit the ViT-L-14 architecture" in err
+    assert "Compute Failed" not in err and "Traceback" not in err and "WARNING" not in err, err
+
+
 def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
     root, _ = demo_input
     monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -132,9 +133,11 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
         try:
             model = open_clip.create_model(ref.name, pretrained=ref.pretrained, weights_only=True)
         except Exception as err:
-            if not is_read_error(err):
-                raise
-            raise weights_load_error(Path(str(ref.pretrained)).expanduser(), err) from None
+            if is_read_error(err):
+                raise weights_load_error(Path(str(ref.pretrained)).expanduser(), err) from None
+            if _is_mismatch(err):
+                raise checkpoint_mismatch_error(ref, err) from None
+            raise
         cfg = model_cfg(ref)
     else:
         path = clip_dir(ref)
@@ -147,6 +150,30 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
             raise weights_load_error(path / WEIGHTS_FILE, err) from None
     info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
     return model.visual, info
+
+
+def _is_mismatch(err: Exception) -> bool:
+    """A checkpoint of another architecture: torch's strict load, or open_clip's checks before it
+    (``AssertionError: text pos_embed width changed!``, a key its conversion expects)."""
+    return isinstance(err, (AssertionError, KeyError)) or (
+        isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err)
+    )
+
+
+def checkpoint_mismatch_error(ref: ClipRef, err: Exception) -> ValueError:
+    """torch's list of every missing, unexpected and misshapen key, as one line that says what to do."""
+    text = str(err)
+    problems = [] if isinstance(err, RuntimeError) else [f"{type(err).__name__}: {text}"]
+    if mismatched := text.count("size mismatch for"):
+        problems.append(f"{mismatched} tensors of other shapes")
+    for label in ("Missing", "Unexpected"):
+        if found := re.search(rf"{label} key\(s\) in state_dict: (.*)", text):
+            problems.append(f"{len(found.group(1).split(', '))} {label.lower()} keys")
+    return ValueError(
+        f"checkpoint {ref.pretrained} does not fit the {ref.name} architecture ({', '.join(problems) or 'other weights'}); "
+        f"give the architecture it was trained with before the path, as ARCH/PATH (a bare path means {ClipRef.name}), "
+        f"e.g. --model ViT-B-32/{ref.pretrained}"
+    )
 
 
 def clip_dir(ref: ClipRef) -> Path:

@@ -180,6 +180,26 @@ def test_checkpoint_file_loads(monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, t
     torch.testing.assert_close(ref.load().encode(x), tiny.load().encode(x))
 
 
+def test_a_checkpoint_of_another_architecture_says_how_to_name_it(
+    monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path
+) -> None:
+    """A bare checkpoint path means ViT-L-14: another architecture's weights gave torch's page-long
+    list of keys (or open_clip's bare AssertionError); now one line that says to write ARCH/PATH."""
+    name = _register_tiny_architecture(monkeypatch, tiny)
+    state = open_clip.create_model(f"local-dir:{clip_dir(tiny)}").state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(ValueError, match="does not fit the ViT-L-14 architecture") as caught:
+        ClipRef.parse(str(path)).load()
+    assert str(caught.value).endswith(f"as ARCH/PATH (a bare path means ViT-L-14), e.g. --model ViT-B-32/{path}")
+    assert ClipRef.parse(f"{name}/{path}").pretrained == str(path)  # the form the message gives
+    del state["visual.proj"]
+    state["visual.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=rf"does not fit the {name} architecture \(1 missing keys, 1 unexpected keys\)"):
+        ClipRef.parse(f"{name}/{path}").load()
+
+
 def test_malicious_checkpoint_is_refused(
     monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path
 ) -> None:
