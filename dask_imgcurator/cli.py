@@ -27,7 +27,7 @@ from dask_imgcurator.io.shards import (
 )
 from dask_imgcurator.io.writer import OutputExistsError, write_atomic
 from dask_imgcurator.pipeline import CurationSummary, check_curated_output, mark_kept, write_curated
-from dask_imgcurator.progress import run_tasks
+from dask_imgcurator.progress import counted, run_tasks
 
 #: Exceptions whose message is meant for the user: printed without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -622,8 +622,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{row['shard'][-60:]:60s} {row['samples']:8d} {row['errors']:7d} {row['bytes']:12d}")
         for error in row["first_errors"]:
             print(f"    ! {error}")
-    total = {k: sum(r[k] for r in rows) for k in ("samples", "errors", "bytes")}
-    print(f"{len(rows)} shards, {total['samples']} samples, {total['errors']} with errors, {total['bytes']} bytes")
+    total = {k: sum(r[k] for r in rows) for k in ("samples", "errors", "shard_errors", "bytes")}
+    unreadable = sum(1 for r in rows if r["shard_errors"])
+    shards = counted(len(rows), "shard") + (f" ({unreadable} unreadable)" if unreadable else "")
+    print(f"{shards}, {counted(total['samples'], 'sample')}, {total['errors']} with errors, {total['bytes']} bytes")
     print("extensions: " + ", ".join(f"{ext} {n}" for ext, n in sorted(exts.items())))
     return 0
 
@@ -631,10 +633,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _summarise_shard(df) -> dict:
     members = [json.loads(m) for m in df["members"]]
     errors = df["error"].dropna().tolist()
+    samples = df["key"] != ""  # else the row of a shard that could not be read (its error)
     return {
         "shard": df["shard"].iloc[0] if len(df) else "",
-        "samples": int((df["key"] != "").sum()),
-        "errors": len(errors),
+        "samples": int(samples.sum()),
+        "errors": int(df.loc[samples, "error"].notna().sum()),
+        "shard_errors": int(df.loc[~samples, "error"].notna().sum()),
         "bytes": sum(size for ms in members for _, _, size in ms),
         "extensions": dict(Counter(name.split(".", 1)[-1].lower() for ms in members for name, _, _ in ms)),
         "first_errors": errors[:3],

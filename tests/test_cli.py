@@ -30,6 +30,19 @@ def test_inspect_prints_counts(demo_input, capsys):
     assert [r["samples"] for r in rows] == [8, 6, 6]
 
 
+def test_inspect_counts_an_unreadable_shard_apart_from_samples(tmp_path, capsys):
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=2)
+    (tmp_path / "in" / "zz-broken.tar").write_bytes(b"not a tar" * 100)
+    assert main(["inspect", str(tmp_path / "in" / "demo-00000.tar")]) == 0
+    assert "1 shard, 2 samples, 0 with errors" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "in")]) == 0
+    out = capsys.readouterr().out
+    assert "2 shards (1 unreadable), 2 samples, 0 with errors" in out
+    assert main(["inspect", str(tmp_path / "in"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["samples"], r["errors"], r["shard_errors"]) for r in rows] == [(2, 0, 0), (0, 0, 1)]
+
+
 def test_reshard_writes_all_readable_samples_and_accounts_for_the_rest(demo_input, tmp_path, capsys):
     root, _ = demo_input
     assert main(["reshard", str(root / "in"), "--out", str(tmp_path / "out"), "--samples-per-shard", "7"]) == 0
