@@ -120,6 +120,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _given(text: str) -> str:
+    """argparse type of paths and addresses: an empty one (an unset shell variable) would mean "here"
+    or "start a cluster" instead of an error."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?); give a path, URL or address")
+    return text
+
+
 def _dashboard_address(text: str) -> str:
     """argparse type of --dashboard: ``[HOST]:PORT`` (or just PORT), checked before a cluster starts on it."""
     port = text.rpartition(":")[2]
@@ -223,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reshard", help="copy samples into new shards of exactly N samples")
     _add_shards(p)
-    p.add_argument("--out", required=True, help="output directory or fsspec URL")
+    p.add_argument("--out", type=_given, required=True, help="output directory or fsspec URL")
     p.add_argument("--samples-per-shard", type=_positive_int, default=10_000, metavar="N")
     p.add_argument("--rekey", action="store_true", help="rename samples {shard:05d}{index}; old key kept in Parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_curate)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated shards with a tiny random model")
-    p.add_argument("--out", default="imgcurator-demo", help="directory for the demo (default: ./imgcurator-demo)")
+    p.add_argument("--out", type=_given, default="imgcurator-demo", help="directory for the demo (default: ./imgcurator-demo)")
     p.add_argument("--shards", type=_positive_int, default=4, help="number of demo shards (default 4)")
     p.add_argument("--samples", type=_positive_int, default=32, help="samples per demo shard (default 32)")
     p.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
@@ -247,24 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=functools.partial(_print_usage, p))  # no ACTION: this command's usage, not the top's
     models_sub = p.add_subparsers(metavar="ACTION")
     q = models_sub.add_parser("list", help="show known CLIP models and heads and where they are present")
-    q.add_argument("--model-dir", help="model directory to look in (besides the cache)")
+    q.add_argument("--model-dir", type=_given, help="model directory to look in (besides the cache)")
     q.set_defaults(run=cmd_models_list)
     q = models_sub.add_parser("download", help="download a CLIP model and its heads into a model dir")
-    q.add_argument("--model-dir", required=True, help="directory to fill; copy it to offline machines")
+    q.add_argument("--model-dir", type=_given, required=True, help="directory to fill; copy it to offline machines")
     q.add_argument("--model", default="ViT-L-14/openai", help="CLIP model (default ViT-L-14/openai)")
     q.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated heads (default aesthetic,nsfw)")
     q.set_defaults(run=cmd_models_download)
 
     p = sub.add_parser("report", help="write an HTML report of a run: counts, score plots, thumbnails, failures")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory of a curate or reshard run")
-    p.add_argument("--out", metavar="PATH", help="HTML file to write, or a directory to write report.html in (default: OUT_DIR/report.html)")
+    p.add_argument("--out", type=_given, metavar="PATH", help="HTML file to write, or a directory to write report.html in (default: OUT_DIR/report.html)")
     p.add_argument("--thumbnails", type=int, default=12, metavar="N",
                    help="kept and filtered samples to show, each (default 12; 0 for none)")
     p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("index", help="write DALI index files (.idx) next to input shards")
     _add_shards(p)
-    p.add_argument("--out", help="directory for the .idx files (default: beside each shard)")
+    p.add_argument("--out", type=_given, help="directory for the .idx files (default: beside each shard)")
     _add_scheduler(p)
     p.set_defaults(run=cmd_index)
     return parser
@@ -278,14 +286,14 @@ def _add_shards(p: argparse.ArgumentParser) -> None:
 
 
 def _add_curate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory or fsspec URL")
+    p.add_argument("--out", type=_given, required=True, help="output directory or fsspec URL")
     p.add_argument(
         "--filter", action="append", metavar="EXPR",
         help='keep rows matching EXPR, e.g. "aesthetic_score >= 5 and nsfw_score < 0.5" (repeat to AND)',
     )
     p.add_argument("--model", default="ViT-L-14/openai", help="CLIP model: NAME/TAG, hf-hub:ORG/REPO, a model dir, or a checkpoint file as ARCH/PATH "
                         "(ViT-B-32//data/ft.pt; a bare checkpoint path means ViT-L-14)")
-    p.add_argument("--model-dir", help="prepared model directory (see `imgcurator models download`)")
+    p.add_argument("--model-dir", type=_given, help="prepared model directory (see `imgcurator models download`)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--heads", default="aesthetic,nsfw", help="comma-separated score heads (default aesthetic,nsfw)")
     p.add_argument("--samples-per-shard", type=_positive_int, default=10_000, metavar="N")
@@ -316,14 +324,14 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="start a cluster: auto (default) = cuda when GPUs are visible, else local; local = CPU worker "
              "processes; cuda = one worker per GPU (dask-cuda); slurm = workers in SLURM jobs (dask-jobqueue)",
     )
-    where.add_argument("--scheduler", metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
+    where.add_argument("--scheduler", type=_given, metavar="ADDR", help="use a running dask scheduler (tcp://host:8786) instead")
     g.add_argument("--workers", type=_positive_int, metavar="N", help="local worker processes (default: one per core where memory allows, at most one per input shard; or one per GPU)")
     g.add_argument("--torch-threads", type=_positive_int, metavar="N", help="torch threads per worker (default: its share of the cores)")
     g.add_argument(
         "--dashboard", nargs="?", const="", default=None, metavar="[HOST]:PORT", type=_dashboard_address,
         help="serve the dask dashboard at this address (e.g. :8787; the link is always printed)",
     )
-    g.add_argument("--cluster-config", metavar="FILE", help="YAML file of 'imgcurator:' settings (like imgcurator.yaml)")
+    g.add_argument("--cluster-config", type=_given, metavar="FILE", help="YAML file of 'imgcurator:' settings (like imgcurator.yaml)")
     s = p.add_argument_group("SLURM (with --cluster slurm)")
     s.add_argument("--slurm-queue", metavar="PARTITION", help="partition (#SBATCH -p)")
     s.add_argument("--slurm-account", metavar="ACCOUNT", help="#SBATCH -A")
@@ -340,7 +348,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scheduler(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", metavar="ADDR", help="address of a running dask scheduler (tcp://host:8786)")
+    p.add_argument("--scheduler", type=_given, metavar="ADDR", help="address of a running dask scheduler (tcp://host:8786)")
 
 
 @contextlib.contextmanager
@@ -475,7 +483,8 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
-    _check_precision(args)  # these two before a cluster starts
+    _check_cluster_options(args)  # these before a cluster starts
+    _check_precision(args)
     _check_output(ddf, args)
     with _curation_client(args, partitions=ddf.npartitions):
         summary = write_curated(
@@ -657,6 +666,17 @@ def cmd_reshard(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, progress=True,
         )
     return _report(summary, args.out)
+
+
+def _check_cluster_options(args: argparse.Namespace) -> None:
+    """Options for a cluster this run starts are refused with --scheduler, where they would do nothing."""
+    if not getattr(args, "scheduler", None):
+        return
+    names = ["workers", "torch_threads", "dashboard", "slurm_adapt", *SLURM_OPTIONS]
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} set up a cluster that this run starts; with --scheduler the workers "
+                         "are that scheduler's: leave them out (or drop --scheduler)")
 
 
 def _check_precision(args: argparse.Namespace) -> None:

@@ -236,6 +236,26 @@ def test_a_model_error_in_the_workers_is_one_line_without_their_logs(demo_input,
     assert "Compute Failed" not in err and "Traceback" not in err and "WARNING" not in err, err
 
 
+@pytest.mark.parametrize("argv", [["reshard", "IN", "--out", ""], ["index", "IN", "--out", " "],
+                                  ["reshard", "IN", "--out", "OUT", "--scheduler", ""]])
+def test_an_empty_path_or_address_is_a_usage_error(argv, capsys):
+    """--out "$UNSET" wrote into the working directory; --scheduler "$UNSET" started a local cluster."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "empty (an unset variable?)" in capsys.readouterr().err
+
+
+def test_cluster_options_with_a_scheduler_are_refused_before_connecting(demo_input, tmp_path, capsys):
+    root, ref = demo_input
+    argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", f"{ref.name}/{ref.pretrained}",
+            "--model-dir", ref.model_dir, "--scheduler", "tcp://127.0.0.1:1", "--workers", "2", "--dashboard", ":0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --workers, --dashboard set up a cluster that this run starts; with --scheduler")
+    assert "cannot reach" not in err
+
+
 def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
     root, _ = demo_input
     monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))
