@@ -605,7 +605,12 @@ def _exists(url: str) -> bool:
 def cmd_models_download(args: argparse.Namespace) -> int:
     from dask_imgcurator.models import download_models
 
+    from dask_imgcurator.models.store import is_offline
+
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    if is_offline():
+        print("note: HF_HUB_OFFLINE or IMGCURATOR_OFFLINE is set, so nothing is downloaded: only weights already "
+              f"in {args.model_dir} count (unset it to download)", file=sys.stderr)
     for path in download_models(args.model_dir, args.model, heads):
         print(f"ready: {path}")
     print(f"use it with: imgcurator curate SHARDS --out DIR --model {args.model} --model-dir {args.model_dir} --offline")

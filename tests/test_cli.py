@@ -256,6 +256,15 @@ def test_cluster_options_with_a_scheduler_are_refused_before_connecting(demo_inp
     assert "cannot reach" not in err
 
 
+def test_models_download_while_offline_says_nothing_is_downloaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMGCURATOR_OFFLINE", "1")
+    monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))
+    assert main(["models", "download", "--model-dir", str(tmp_path / "m"), "--model", "ViT-B-32/openai"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("note: HF_HUB_OFFLINE or IMGCURATOR_OFFLINE is set, so nothing is downloaded")
+    assert "error: CLIP model ViT-B-32/openai not found" in err
+
+
 def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
     root, _ = demo_input
     monkeypatch.setenv("IMGCURATOR_HOME", str(tmp_path / "home"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -268,7 +270,8 @@ def _download(ref: ClipRef, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
         cfg = model_cfg(ref, cache_dir=tmp)
-        model = open_clip.create_model(**open_clip_kwargs(ref), cache_dir=tmp, require_pretrained=True)
+        with _no_root_log_setup():
+            model = open_clip.create_model(**open_clip_kwargs(ref), cache_dir=tmp, require_pretrained=True)
         staged = Path(tmp) / "model"
         save_clip_dir(model, cfg, staged)
         try:
@@ -276,6 +279,25 @@ def _download(ref: ClipRef, dest: Path) -> None:
         except OSError:
             if not is_clip_dir(dest):  # another worker finishing first is fine
                 raise
+
+
+@contextlib.contextmanager
+def _no_root_log_setup():
+    """Keep open_clip's ``logging.error`` on a failed download from configuring the root logger.
+
+    Where no handler is set up, that call adds one and prints "ERROR:root:Failed to download ...",
+    the same text as the exception raised right after it, which is what reaches the user.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    placeholder = logging.NullHandler()
+    root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeHandler(placeholder)
 
 
 def save_clip_dir(model: torch.nn.Module, cfg: dict[str, Any], path: Path) -> None:

@@ -140,6 +140,23 @@ def test_failed_download_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp
         clip_dir(ClipRef(cache_dir=str(tmp_path), offline=False))
 
 
+def test_a_failed_download_leaves_the_root_logger_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """open_clip logs the failure with logging.error, which set up the root logger where nothing had
+    and printed "ERROR:root:..." before the error that says the same."""
+    import logging
+
+    def broken(**kwargs):
+        logging.error("Failed to download weights for tag 'openai'")
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a plain script; pytest's capture handlers set aside
+    monkeypatch.setattr(open_clip, "create_model", broken)
+    with pytest.raises(WeightsNotFoundError, match="Download failed: RuntimeError"):
+        clip_dir(ClipRef(cache_dir=str(tmp_path), offline=False))
+    assert root.handlers == []
+
+
 def test_bf16_on_cpu_matches_fp32(tiny: ClipRef) -> None:
     x = _pixels(8)
     fp32 = tiny.load(precision="fp32").encode(x)
