@@ -141,7 +141,14 @@ def _seconds(value: Any) -> float:
 
 
 def active_client():
-    """The distributed client in use, or None (never creates one)."""
+    """The distributed client in use, or None (never creates one).
+
+    None too where dask's config names another scheduler (``dask.config.set(scheduler="sync")``,
+    ``"threads"``, ...), as for ``dask.compute``: a client made earlier does not override it.
+    """
+    scheduler = dask.config.get("scheduler", None)
+    if isinstance(scheduler, str) and scheduler not in ("dask.distributed", "distributed"):
+        return None
     try:
         from distributed import get_client
 

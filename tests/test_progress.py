@@ -49,6 +49,17 @@ def test_without_a_cluster_the_local_scheduler_runs_them():
     assert progress.run_tasks([dask.delayed(note_start, pure=False)(i) for i in range(3)], "test") == [0, 1, 4]
 
 
+def test_a_scheduler_named_in_dasks_config_wins_over_a_client(one_thread_client, monkeypatch):
+    """As with dask.compute: dask.config.set(scheduler="sync") runs here even while a client exists."""
+    submitted = []
+    monkeypatch.setattr(one_thread_client, "compute", lambda *a, **kw: submitted.append(a))
+    with dask.config.set(scheduler="sync"):
+        assert progress.active_client() is None
+        threads = progress.run_tasks([dask.delayed(threading.get_ident, pure=False)() for _ in range(2)], "test")
+    assert threads == [threading.get_ident()] * 2 and submitted == []
+    assert progress.active_client() is one_thread_client
+
+
 class _Terminal:
     """A text stream that says it is a terminal, keeping what is written."""
 
