@@ -219,20 +219,34 @@ def test_good_dashboard_addresses_parse(address):
 
 
 def test_a_model_error_in_the_workers_is_one_line_without_their_logs(demo_input, tmp_path, capfd):
-    """A checkpoint of another architecture than the bare path's ViT-L-14 fails in every worker: the
-    run printed each worker's "Compute Failed" record (a repr'd traceback) and shutdown warnings."""
+    """Weights that fail to load fail in every worker: the run printed each worker's "Compute Failed"
+    record (a repr'd traceback) and shutdown warnings. A checkpoint of another architecture than the
+    bare path's ViT-L-14 is refused before that, from its tensors' shapes."""
+    import shutil
+
     import open_clip
     import torch
 
     from dask_imgcurator.models.clip import clip_dir
 
     root, ref = demo_input
-    torch.save(open_clip.create_model(f"local-dir:{clip_dir(ref)}").state_dict(), tmp_path / "ckpt.pt")
+    state = open_clip.create_model(f"local-dir:{clip_dir(ref)}").state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
     argv = ["curate", str(root / "in"), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "ckpt.pt"),
             "--heads", "", "--workers", "1", "--decoder", "pillow"]
+    assert main(argv) == 2  # the image tower's shapes are checked here, before a cluster starts
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: checkpoint {tmp_path / 'ckpt.pt'} does not fit the ViT-L-14 architecture"), err
+    assert "dask dashboard" not in err
+
+    broken = tmp_path / "broken-model"  # weights that only the workers read
+    shutil.copytree(clip_dir(ref), broken)
+    weights = broken / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv[argv.index("--model") + 1] = f"local-dir:{broken}"
     assert main(argv) == 2
     err = capfd.readouterr().err  # the worker processes' output too
-    assert f"error: checkpoint {tmp_path / 'ckpt.pt'} does not fit the ViT-L-14 architecture" in err
+    assert "dask dashboard" in err and f"error: {weights} is damaged" in err
     assert "Compute Failed" not in err and "Traceback" not in err and "WARNING" not in err, err
 
 

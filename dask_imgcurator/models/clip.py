@@ -171,11 +171,60 @@ def checkpoint_mismatch_error(ref: ClipRef, err: Exception) -> ValueError:
     for label in ("Missing", "Unexpected"):
         if found := re.search(rf"{label} key\(s\) in state_dict: (.*)", text):
             problems.append(f"{len(found.group(1).split(', '))} {label.lower()} keys")
+    return _mismatch(ref, problems)
+
+
+def _mismatch(ref: ClipRef, problems: list[str]) -> ValueError:
     return ValueError(
         f"checkpoint {ref.pretrained} does not fit the {ref.name} architecture ({', '.join(problems) or 'other weights'}); "
         f"give the architecture it was trained with before the path, as ARCH/PATH (a bare path means {ClipRef.name}), "
         f"e.g. --model ViT-B-32/{ref.pretrained}"
     )
+
+
+def check_checkpoint_fits(ref: ClipRef) -> None:
+    """Raise the error :func:`load_clip` would, from tensor shapes alone: a checkpoint file's image tower
+    against its architecture's, built on the meta device (no memory, no weights read).
+
+    So that a checkpoint of another architecture is refused before a cluster starts (SLURM jobs
+    may wait in the queue first). A file that cannot be read is left to the load, which names it.
+    """
+    if ref.kind != "file":
+        return
+    found = _checkpoint_shapes(Path(str(ref.pretrained)).expanduser())
+    if found is None:
+        return
+    with _no_root_log_setup(), torch.device("meta"):  # open_clip warns that no weights were loaded
+        expected = open_clip.create_model(ref.name, device="meta").state_dict()
+    # the positional embedding may differ: open_clip resizes it to the model's grid when loading
+    visual = {k: tuple(v.shape) for k, v in expected.items() if k.startswith("visual.") and k != "visual.positional_embedding"}
+    missing = [k for k in visual if k not in found]
+    reshaped = [k for k in visual if k in found and found[k] != visual[k]]
+    problems = [f"{len(reshaped)} tensors of other shapes"] if reshaped else []
+    problems += [f"{len(missing)} missing keys"] if missing else []
+    if problems:
+        raise _mismatch(ref, problems)
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Name and shape of each tensor in a checkpoint, read without its data (None where unreadable)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001  damaged or refused: the load reports it, naming the file
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return None
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def clip_dir(ref: ClipRef) -> Path:

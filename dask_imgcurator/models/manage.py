@@ -10,7 +10,7 @@ from pathlib import Path
 
 import open_clip
 
-from .clip import CONFIG_FILE, _read_config, clip_dir, clip_info, is_clip_dir
+from .clip import CONFIG_FILE, _read_config, check_checkpoint_fits, clip_dir, clip_info, is_clip_dir
 from .heads import head_entry, head_weights
 from .ref import HF_HUB_PREFIX, HF_HUB_SLUG_PREFIX, LOCAL_DIR_PREFIX, ClipRef
 from .store import KNOWN_HEAD_WEIGHTS, WEIGHT_SUFFIXES, DamagedWeightsError, is_offline, locate, search_roots
@@ -174,7 +174,8 @@ def check_weights(ref: ClipRef, heads: Sequence[str]) -> None:
     Raises
     ------
     ValueError
-        Unknown open_clip architecture or pretrained tag, with no local copy.
+        Unknown open_clip architecture or pretrained tag, with no local copy; a checkpoint file of
+        another architecture.
     WeightsNotFoundError
         Weights missing locally that cannot (or may not) be downloaded.
     """
@@ -182,6 +183,7 @@ def check_weights(ref: ClipRef, heads: Sequence[str]) -> None:
         clip_dir(ref)  # offline it only looks locally: raises when missing
     elif ref.kind != "hf-hub":  # online, clip_info would fetch an hf-hub config
         clip_info(ref)  # raises for a missing local dir or checkpoint, an unknown architecture or tag
+    check_checkpoint_fits(ref)
     for head in heads:
         if head in DEFAULT_HEADS:
             locate(head_entry(head, ref.head_family), **ref.store_kwargs())

@@ -217,6 +217,40 @@ def test_a_checkpoint_of_another_architecture_says_how_to_name_it(
         ClipRef.parse(f"{name}/{path}").load()
 
 
+@pytest.mark.parametrize("form", ["zip", "legacy", "wrapped", "safetensors"])
+def test_a_checkpoint_is_checked_against_its_architecture_from_shapes_alone(
+    monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path, form: str
+) -> None:
+    """check_weights refuses another architecture's checkpoint before any cluster starts (the load
+    would, in the first worker task), reading no tensor data; a fitting one passes in every form."""
+    from safetensors.torch import save_file
+
+    from dask_imgcurator.models.clip import check_checkpoint_fits
+
+    name = _register_tiny_architecture(monkeypatch, tiny)
+    state = open_clip.create_model(f"local-dir:{clip_dir(tiny)}").state_dict()
+    path = tmp_path / ("ckpt.safetensors" if form == "safetensors" else "ckpt.pt")
+    if form == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif form == "wrapped":  # as a training script saves it: {"state_dict": {"module.visual...": ...}}
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=form == "zip")
+    check_checkpoint_fits(ClipRef.parse(f"{name}/{path}"))  # fits
+    with pytest.raises(ValueError, match=r"does not fit the ViT-L-14 architecture \(\d+ tensors of other shapes"):
+        check_checkpoint_fits(ClipRef.parse(str(path)))
+    check_checkpoint_fits(ClipRef.parse(f"local-dir:{clip_dir(tiny)}"))  # other kinds: nothing to do
+
+
+def test_an_unreadable_checkpoint_is_left_to_the_load_which_names_it(tiny: ClipRef, tmp_path: Path) -> None:
+    from dask_imgcurator.models.clip import check_checkpoint_fits
+
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    check_checkpoint_fits(ClipRef.parse(str(tmp_path / "ckpt.pt")))
+    with pytest.raises(WeightsNotFoundError, match="ckpt.pt"):
+        ClipRef.parse(str(tmp_path / "ckpt.pt")).load()
+
+
 def test_malicious_checkpoint_is_refused(
     monkeypatch: pytest.MonkeyPatch, tiny: ClipRef, tmp_path: Path
 ) -> None:

@@ -130,8 +130,13 @@ def test_check_weights_online_accepts_downloadable_models_without_downloading(on
 
 
 @pytest.mark.parametrize("offline", [False, True])
-def test_check_weights_accepts_local_models_open_clip_does_not_list(tiny: ClipRef, offline: bool, online) -> None:
-    """The tiny model, a local ``random`` tag (as the benchmarks make), a local dir and a checkpoint."""
+def test_check_weights_accepts_local_models_open_clip_does_not_list(
+    tiny: ClipRef, offline: bool, online, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model, a local ``random`` tag (as the benchmarks make), a local dir and a checkpoint
+    (of its own architecture; as a ViT-B-32 checkpoint it is refused from its shapes)."""
+    import json
+
     store_kw = {"model_dir": tiny.model_dir, "offline": offline}
     check_weights(ClipRef(tiny.name, tiny.pretrained, **store_kw), ["aesthetic", "nsfw"])
     random_dir = Path(tiny.model_dir) / "clip" / "ViT-B-32-random"
@@ -139,7 +144,11 @@ def test_check_weights_accepts_local_models_open_clip_does_not_list(tiny: ClipRe
     check_weights(ClipRef.parse("ViT-B-32/random", **store_kw), [])
     check_weights(ClipRef.parse(str(random_dir), offline=offline), [])
     checkpoint = random_dir / "open_clip_model.safetensors"
-    check_weights(ClipRef.parse(f"ViT-B-32/{checkpoint}", offline=offline), [])
+    cfg = json.loads((random_dir / "open_clip_config.json").read_text())["model_cfg"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "imgcurator-tiny-arch", cfg)
+    check_weights(ClipRef.parse(f"imgcurator-tiny-arch/{checkpoint}", offline=offline), [])
+    with pytest.raises(ValueError, match="does not fit the ViT-B-32 architecture"):
+        check_weights(ClipRef.parse(f"ViT-B-32/{checkpoint}", offline=offline), [])
 
 
 @pytest.mark.parametrize("offline", [False, True])
