@@ -45,6 +45,7 @@ __all__ = [
     "TorchThreads",
     "PinGpu",
     "StopWorkerProfiler",
+    "QuietTaskFailures",
     "housekeeping_settings",
     "torch_threads_for",
     "cpu_workers_for",
