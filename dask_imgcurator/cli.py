@@ -393,6 +393,7 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
 
     opt = lambda name: getattr(args, name, None)  # noqa: E731  (demo's Namespace lacks most options)
     with contextlib.ExitStack() as stack:
+        stack.push(_log_levels_kept_after_success())  # runs last: main() called from Python logs as before
         if opt("cluster_config"):
             stack.enter_context(config.use_config_file(opt("cluster_config")))
         if opt("scheduler"):
@@ -416,11 +417,12 @@ def _curation_client(args: argparse.Namespace, partitions: int | None = None):
 
 
 def _quiet_teardown(client, exc_type, exc, tb) -> bool:
-    """On Ctrl-C/SIGTERM or an error, keep distributed's shutdown noise (cancelled tasks, workers killed
-    after a timeout) off the terminal: in this process, and in the workers and nannies of ``client``
+    """Keep distributed's shutdown noise off the terminal once the run is over: in this process (a
+    nanny's "Worker process still alive after 4.0 seconds, killing" even after a run that succeeded)
+    and, on Ctrl-C/SIGTERM or an error (cancelled tasks), in the workers and nannies of ``client``
     (the cluster this run started). main() reports the stop or the error itself."""
+    _silence_distributed_logs()
     if exc_type is not None:
-        _silence_distributed_logs()
         if client is not None:
             for nanny in (False, True):
                 with contextlib.suppress(Exception):  # best effort: a worker may be gone already
@@ -428,11 +430,31 @@ def _quiet_teardown(client, exc_type, exc, tb) -> bool:
     return False
 
 
+#: Loggers that _quiet_teardown silences.
+_NOISY_LOGGERS = ("distributed", "tornado.application", "asyncio")
+
+
 def _silence_distributed_logs() -> None:
     import logging
 
-    for name in ("distributed", "tornado.application", "asyncio"):
+    for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _log_levels_kept_after_success():
+    """An exit callback that gives the noisy loggers their levels back once a run ended well (after an
+    error or a stop the process is about to end, and late shutdown messages stay quiet)."""
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+
+    def restore(exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+        return False
+
+    return restore
 
 
 def _cluster_kwargs(args: argparse.Namespace, kind: str, partitions: int | None = None) -> dict:

@@ -109,12 +109,19 @@ def test_index_into_one_folder_refuses_shards_that_share_a_name(demo_input, tmp_
 
 
 def test_curate_end_to_end_with_filter(demo_input, tmp_path, capsys):
+    import logging
+
+    import distributed  # noqa: F401  (its import sets its loggers' levels)
+
     root, ref = demo_input
+    levels = [logging.getLogger(name).level for name in ("distributed", "asyncio")]
     out = tmp_path / "cur"
     argv = ["curate", str(root / "in"), "--out", str(out), "--model", f"{ref.name}/{ref.pretrained}",
             "--model-dir", ref.model_dir, "--offline", "--filter", DEMO_FILTER, "--samples-per-shard", "5",
             "--workers", "1", "--decoder", "pillow"]
     assert main(argv) == 0, capsys.readouterr().err
+    # the teardown's quiet is over with the run (main() may be called from a program that logs)
+    assert [logging.getLogger(name).level for name in ("distributed", "asyncio")] == levels
     text, err = capsys.readouterr()
     # stderr is no terminal here (as in a SLURM log): plain progress lines, no redrawing
     assert "\r" not in err and "\x1b" not in err
@@ -277,6 +284,33 @@ def test_models_download_while_offline_says_nothing_is_downloaded(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("note: HF_HUB_OFFLINE or IMGCURATOR_OFFLINE is set, so nothing is downloaded")
     assert "error: CLIP model ViT-B-32/openai not found" in err
+
+
+def test_the_cluster_teardown_after_a_run_keeps_distributed_quiet():
+    """A worker slow to exit after a successful run made its nanny log "Worker process still alive
+    after 4.0 seconds, killing" under the run's accounting."""
+    import io
+    import logging
+
+    from dask_imgcurator.cli import _quiet_teardown
+
+    names = ("distributed", "distributed.nanny", "tornado.application", "asyncio")
+    levels = {name: logging.getLogger(name).level for name in names}
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    nanny = logging.getLogger("distributed.nanny")
+    nanny.addHandler(handler)
+    try:
+        for name in names:  # as distributed sets them (an earlier test may have stopped a run)
+            logging.getLogger(name).setLevel(logging.INFO if name == "distributed" else logging.NOTSET)
+        nanny.warning("before: shown")
+        assert _quiet_teardown(None, None, None, None) is False  # a run that succeeded: nothing to swallow
+        nanny.warning("Worker process still alive after 4.0 seconds, killing")
+    finally:
+        nanny.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert out.getvalue() == "before: shown\n"
 
 
 def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, capsys, monkeypatch):
