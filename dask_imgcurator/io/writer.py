@@ -457,13 +457,12 @@ def claim_output(
     does not compute the embeddings again.
     """
     fs, root = url_to_fs(out_dir)
-    verdict = _output_verdict(out_dir, fingerprint, params, overwrite, inputs)
+    verdict, previous = _output_verdict(out_dir, fingerprint, params, overwrite, inputs)
     if verdict == "finished":
-        return _read_json(fs, posixpath.join(root, MANIFEST))
+        return previous
     if verdict == "resume":
         return None
     if verdict == "replace":
-        previous = _read_json(fs, posixpath.join(root, MANIFEST)) or _read_json(fs, posixpath.join(root, RUN_MARKER)) or {}
         same_rows = parts_dir is not None and params.get("computation") is not None and \
             previous.get("computation") == params["computation"]
         kept = {posixpath.join(posixpath.normpath(root), parts_dir)} if same_rows else set()
@@ -492,7 +491,7 @@ def check_output(
     of them; ``params["samples_per_shard"]``, where given, must be at least 1; a directory that
     cannot be created or written raises PermissionError.
     """
-    if _output_verdict(out_dir, fingerprint, params, overwrite, inputs) in ("new", "replace"):
+    if _output_verdict(out_dir, fingerprint, params, overwrite, inputs)[0] in ("new", "replace"):
         fs, root = url_to_fs(out_dir)
         probe = posixpath.join(root, f"_write-check.tmp-{uuid.uuid4().hex[:12]}")
         try:
@@ -503,18 +502,21 @@ def check_output(
             raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
 
 
-def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: bool, inputs: Iterable[str] = ()) -> str:
+def _output_verdict(
+    out_dir: str, fingerprint: str, params: dict, overwrite: bool, inputs: Iterable[str] = ()
+) -> tuple[str, dict | None]:
     """What claiming ``out_dir`` means: "finished" (this run is complete there), "resume" (this run
-    started there), "replace" (an earlier run's files go), or "new"; raises where it is refused."""
+    started there), "replace" (an earlier run's files go), or "new"; raises where it is refused.
+    With it, the record found there (the manifest of a finished run, else a run marker), or None."""
     if "samples_per_shard" in params:
         _check_samples_per_shard(params["samples_per_shard"])
     fs, root = url_to_fs(out_dir)
     manifest = _read_json(fs, posixpath.join(root, MANIFEST))
     previous = manifest or _read_json(fs, posixpath.join(root, RUN_MARKER))
     if previous is not None and previous.get("fingerprint") == fingerprint:
-        return "finished" if manifest is not None else "resume"
+        return ("finished" if manifest is not None else "resume"), previous
     if not (fs.exists(root) and fs.ls(root)):
-        return "new"
+        return "new", previous
     entries = _entries(fs, root)
     # without a run record even names like ours (input shards called 00000.tar) are not a run's output
     foreign = [p for p in entries if previous is None or not _OUR_PATHS.fullmatch(_TEMPORARY.sub("", p))]
@@ -540,7 +542,7 @@ def _output_verdict(out_dir: str, fingerprint: str, params: dict, overwrite: boo
             f"this run reads {listed} from {out_dir}, where an earlier run's output would be replaced "
             "(deleting them before they are read); write to another output directory"
         )
-    return "replace"
+    return "replace", previous or {}
 
 
 #: Paths (relative to an output dir) of what :func:`to_webdataset` and ``write_curated`` write
