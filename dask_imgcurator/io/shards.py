@@ -142,13 +142,13 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
         listing = fs.find(path, detail=True)
         found = {p: i for p, i in listing.items() if p.lower().endswith(".tar")}
         for folder in _earlier_outputs(fs, path, listing):
-            inside = [p for p in found if p.startswith(folder + "/")]
-            if inside:
+            kept = {p: i for p, i in found.items() if not p.startswith(folder + "/")}
+            if len(kept) < len(found):
                 warnings.warn(
-                    f"leaving out {len(inside)} .tar file(s) in {full_url(fs, folder)}, inside the input folder "
-                    f"{url}: an imgcurator run wrote them; name that folder to read them", UserWarning, stacklevel=4,
+                    f"leaving out {len(found) - len(kept)} .tar file(s) in {full_url(fs, folder)}, inside the input "
+                    f"folder {url}: an imgcurator run wrote them; name that folder to read them", UserWarning, stacklevel=4,
                 )
-                found = {p: i for p, i in found.items() if not p.startswith(folder + "/")}
+            found = kept
         if not found:
             raise FileNotFoundError(f"directory {url!r} holds no .tar files (outside earlier runs' outputs)")
         return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
