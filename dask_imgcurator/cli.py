@@ -197,10 +197,8 @@ def _interrupt(signum, frame):
 
 
 def _stop_on_signals() -> dict:
-    """Make SIGTERM (a scheduler's preemption, ``kill``) stop a run like Ctrl-C: cleanly, resumable.
-
-    Returns the handlers replaced, to restore.
-    """
+    """Make Ctrl-C and SIGTERM (a scheduler's preemption, ``kill``) raise :class:`Interrupted`, which
+    stops a run cleanly and resumably. Returns the handlers replaced, to restore."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -487,11 +485,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace, source) -> int:
+    from dask_imgcurator.models.manage import check_weights
     from dask_imgcurator.stages.embed import embed
     from dask_imgcurator.stages.filters import drop_reason, parse_filters
 
-    from dask_imgcurator.models.manage import check_weights
-
+    _check_cluster_options(args)  # the options first, before weights, shard listings or a cluster
+    _check_precision(args)
     filt = parse_filters(args.filter) if args.filter else None
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     check_weights(source, heads)
@@ -505,9 +504,7 @@ def _curate(args: argparse.Namespace, source) -> int:
         ddf = mark_kept(ddf, filt.mask(ddf), drop_reason(ddf, filt))
     else:
         ddf = mark_kept(ddf)
-    _check_cluster_options(args)  # these before a cluster starts
-    _check_precision(args)
-    _check_output(ddf, args)
+    _check_output(ddf, args)  # before a cluster starts
     with _curation_client(args, partitions=ddf.npartitions):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
@@ -626,7 +623,6 @@ def _exists(url: str) -> bool:
 
 def cmd_models_download(args: argparse.Namespace) -> int:
     from dask_imgcurator.models import download_models
-
     from dask_imgcurator.models.store import is_offline
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
