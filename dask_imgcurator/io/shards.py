@@ -156,16 +156,17 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
 
 
 def _earlier_outputs(fs: fsspec.AbstractFileSystem, root: str, listing: Iterable[str]) -> list[str]:
-    """Folders below ``root`` holding the record of a run that wrote shards there (complete or not)."""
+    """Folders below ``root`` holding the record of a run that wrote shards there (complete or not).
+
+    None where ``root`` holds one itself: the user named a run's output (such as a curation's
+    ``OUT``, whose ``shards/`` has its own record), to read it.
+    """
     from dask_imgcurator.io.writer import MANIFEST, RUN_MARKER
 
     root = root.rstrip("/")
-    folders = []
-    for path in listing:
-        folder, name = posixpath.split(path)
-        if name in (MANIFEST, RUN_MARKER) and folder != root and _is_run_record(fs, path):
-            folders.append(folder)
-    return folders
+    records = [posixpath.split(path) for path in listing if posixpath.basename(path) in (MANIFEST, RUN_MARKER)]
+    folders = [folder for folder, name in records if _is_run_record(fs, posixpath.join(folder, name))]
+    return [] if root in folders else folders
 
 
 def _is_run_record(fs: fsspec.AbstractFileSystem, path: str) -> bool:
