@@ -20,8 +20,10 @@ from dask_imgcurator.io.reader import read_webdataset
 from dask_imgcurator.io.shards import (
     ShardError,
     expand_shards,
+    files_matching,
     full_url,
     group_samples,
+    is_inside,
     scan_members,
     write_dali_index,
 )
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: completed work is kept; run the same command again to resume", file=sys.stderr)
         return 130
     except USER_ERRORS + _late_user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc) or repr(exc)}", file=sys.stderr)
         return 2
     except ImportError as exc:
         if "install" not in str(exc).lower():  # a broken installation: the traceback is what helps
@@ -491,6 +493,7 @@ def _curate(args: argparse.Namespace, source) -> int:
 
     _check_cluster_options(args)  # the options first, before weights, shard listings or a cluster
     _check_precision(args)
+    _check_shared_paths([*args.shards, args.out])
     filt = parse_filters(args.filter) if args.filter else None
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     check_weights(source, heads)
@@ -586,7 +589,8 @@ def _claim_demo_input(folder: str, params: dict, overwrite: bool) -> list[str]:
             f"--overwrite to replace it with {params['shards']} x {params['samples']}, or choose another --out"
         )
     fs.rm(record)  # the input is incomplete until it is recorded again
-    fs.rm(fs.glob(posixpath.join(path, "demo-*.tar")))
+    for shard in files_matching(fs, path, "demo-*.tar"):
+        fs.rm(shard)
     return []
 
 
@@ -665,7 +669,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _summarise_shard(df) -> dict:
     members = [json.loads(m) for m in df["members"]]
     errors = df["error"].dropna().tolist()
-    samples = df["key"] != ""  # else the row of a shard that could not be read (its error)
+    samples = (df["key"] != "") | (df["members"] != "[]")  # else the row of a shard that could not be read
     return {
         "shard": df["shard"].iloc[0] if len(df) else "",
         "samples": int(samples.sum()),
@@ -681,6 +685,8 @@ def _summarise_shard(df) -> dict:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
+    if args.scheduler:
+        _check_shared_paths([*args.shards, args.out])
     ddf = mark_kept(read_webdataset(_input_shards(args.shards, args.out)))
     _check_output(ddf, args)
     with _maybe_client(args.scheduler):
@@ -689,6 +695,22 @@ def cmd_reshard(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, progress=True,
         )
     return _report(summary, args.out)
+
+
+def _check_shared_paths(paths: list[str]) -> None:
+    """Refuse paths that worker processes cannot share with this one (``memory://``)."""
+    for path in paths:
+        if "memory" in _protocols(path):
+            raise ValueError(
+                f"{path}: a memory:// filesystem lives inside one process, and this command's workers are other "
+                "processes (they would not see its files, and what they write there would be lost); use a local "
+                "path or an object store"
+            )
+
+
+def _protocols(path: str) -> tuple[str, ...]:
+    protocol = url_to_fs(path)[0].protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
 def _check_cluster_options(args: argparse.Namespace) -> None:
@@ -728,9 +750,8 @@ def _input_shards(specs: list[str], out: str) -> list[str]:
     output shards as inputs of the next, so that the run could never be resumed or repeated.
     """
     urls = expand_shards(specs)  # local paths absolute, others with their protocol
-    out_fs, out_root = url_to_fs(out)
-    own = full_url(out_fs, posixpath.join(posixpath.normpath(out_root), "shards")) + "/"
-    kept = [url for url in urls if not url.startswith(own)]
+    own = posixpath.join(out, "shards")
+    kept = [url for url in urls if not is_inside(url, own)]
     if len(kept) < len(urls):
         print(f"note: leaving out {len(urls) - len(kept)} shard(s) under {out}/shards: this run's own output",
               file=sys.stderr)
@@ -796,7 +817,11 @@ def _write_input_index(url: str, out_dir: str | None) -> str | None:
         target = posixpath.join(root, _index_name(url))
     index = io.StringIO()
     write_dali_index([s.members for s in samples], index)
-    write_atomic(fs, target, index.getvalue().encode())
+    try:
+        write_atomic(fs, target, index.getvalue().encode())
+    except Exception as exc:  # OSError, and what read-only filesystems (HTTP) raise instead
+        why = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return f"cannot write {full_url(fs, target)} ({why}); give --out DIR to write the index elsewhere"
     return None
 
 

@@ -40,6 +40,8 @@ ERROR_KINDS = (
     ("empty file (0 bytes)", "unreadable shard"),
     ("broken entry after this sample", "unreadable shard"),
     ("no image member", "no image"),
+    ("no key:", "no key"),
+    ("not valid UTF-8", "unsafe member name"),
     ("duplicate key", "duplicate key"),
     ("two '", "duplicate member"),
     ("contains '..'", "unsafe member name"),
@@ -223,17 +225,23 @@ def _count(parts: list[str], known: list[tuple | None], progress: bool) -> Curat
 def _count_part(part: str) -> tuple[int, int, dict, dict, int]:
     fs, path = url_to_fs(part)
     with fs.open(path, "rb") as f:
-        return _accounting(pq.read_table(f, columns=["key", "kept", "drop_reason", "error"]))
+        part = pq.ParquetFile(f)
+        columns = [c for c in ("key", "members", "kept", "drop_reason", "error") if c in part.schema_arrow.names]
+        return _accounting(part.read(columns=columns))
 
 
 def _accounting(table: pa.Table) -> tuple[int, int, dict, dict, int]:
     """Samples, kept samples, filtered samples per reason, failed samples per error kind, and
     unreadable shards of one part.
 
-    A shard that could not be read (whole or in part) has one row with an empty key for its error;
-    that row is the shard's, not a sample: it is counted apart from the samples.
+    A shard that could not be read (whole or in part) has one row with an empty key and no members
+    for its error; that row is the shard's, not a sample: it is counted apart from the samples.
+    (A sample can have an empty key too, from members named ``.jpg``; it has members, and an error.)
     """
     shard_rows = pa.compute.fill_null(pa.compute.equal(table.column("key"), ""), False)
+    if "members" in table.column_names:
+        no_members = pa.compute.fill_null(pa.compute.equal(table.column("members"), "[]"), True)
+        shard_rows = pa.compute.and_(shard_rows, no_members)
     samples = table.filter(pa.compute.invert(shard_rows))
     filtered = Counter(r for r in samples.column("drop_reason").to_pylist() if r is not None)
     failed = Counter(error_kind(e) for e in samples.column("error").to_pylist() if e is not None)

@@ -35,7 +35,7 @@ from PIL import Image
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
 from dask_imgcurator.decode.probe import open_image
 from dask_imgcurator.io.parquet import read_parquet
-from dask_imgcurator.io.shards import full_url, read_ranges
+from dask_imgcurator.io.shards import files_matching, full_url, read_ranges
 from dask_imgcurator.pipeline import SUMMARY, error_kind
 from dask_imgcurator.progress import counted
 
@@ -275,7 +275,7 @@ def write_report(out_dir: str, path: str | None = None, *, thumbnails: int = 12,
         )
     with fs.open(summary_path, "r") as f:
         summary = json.load(f)
-    parts = [full_url(fs, p) for p in sorted(fs.glob(posixpath.join(root, "metadata", "part-*.parquet")))]
+    parts = [full_url(fs, p) for p in files_matching(fs, posixpath.join(root, "metadata"), "part-*.parquet")]
     if not parts:
         raise FileNotFoundError(f"{out_dir}: no metadata/part-*.parquet files; the run did not finish")
     rows, available = _load_rows(parts)
@@ -463,7 +463,7 @@ def _output_locations(fs, root: str, keys: set) -> pd.DataFrame:
     """Where ``keys`` (source keys) live in ``OUT/shards``: ``shard``, ``image_offset``, ``image_nbytes``."""
     shard_dir = posixpath.join(root, "shards")
     frames = []
-    for path in sorted(fs.glob(posixpath.join(shard_dir, "*.parquet"))):
+    for path in files_matching(fs, shard_dir, "*.parquet"):
         names = read_parquet(full_url(fs, path)).columns
         key_col = "source_key" if "source_key" in names else "key"
         df = read_parquet(full_url(fs, path), columns=[key_col, "image_offset", "image_nbytes"]).compute(scheduler="sync")

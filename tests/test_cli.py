@@ -43,6 +43,43 @@ def test_inspect_counts_an_unreadable_shard_apart_from_samples(tmp_path, capsys)
     assert [(r["samples"], r["errors"], r["shard_errors"]) for r in rows] == [(2, 0, 0), (0, 0, 1)]
 
 
+def test_inspect_counts_a_sample_without_a_key_as_a_sample(tmp_path, capsys):
+    from tests.conftest import jpeg_bytes, write_tar
+
+    write_tar(tmp_path / "k.tar", [("a.jpg", jpeg_bytes(1)), (".jpg", jpeg_bytes(2)), ("b.jpg", jpeg_bytes(3))])
+    assert main(["inspect", str(tmp_path / "k.tar")]) == 0
+    out = capsys.readouterr().out
+    assert "1 shard, 3 samples, 1 with errors" in out and "no key:" in out
+
+
+def test_a_memory_filesystem_is_refused_where_worker_processes_would_use_it(demo_input, tmp_path, capsys):
+    """memory:// lives in one process: the CLI's workers would not see its files, nor keep what they write."""
+    root, ref = demo_input
+    model = ["--model", f"{ref.name}/{ref.pretrained}", "--model-dir", ref.model_dir, "--offline"]
+    assert main(["curate", str(root / "in"), "--out", "memory://cli-out", *model]) == 2
+    assert "error: memory://cli-out: a memory:// filesystem lives inside one process" in capsys.readouterr().err
+    assert main(["curate", "memory://cli-in/*.tar", "--out", str(tmp_path / "o"), *model]) == 2
+    assert "error: memory://cli-in/*.tar: a memory:// filesystem" in capsys.readouterr().err
+    assert main(["reshard", str(root / "in"), "--out", "memory://cli-out", "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "error: memory://cli-out: a memory:// filesystem" in capsys.readouterr().err
+
+
+def test_index_next_to_shards_on_a_read_only_filesystem_says_to_give_out(demo_input, tmp_path, capsys, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    def refuse(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            raise NotImplementedError
+        return original(self, path, mode, **kwargs)
+
+    original = LocalFileSystem._open
+    monkeypatch.setattr(LocalFileSystem, "_open", refuse)
+    root, _ = demo_input
+    assert main(["index", str(root / "in" / "demo-00000.tar")]) == 1
+    err = capsys.readouterr().err
+    assert "demo-00000.tar: cannot write " in err and "demo-00000.idx (NotImplementedError); give --out DIR" in err
+
+
 def test_reshard_writes_all_readable_samples_and_accounts_for_the_rest(demo_input, tmp_path, capsys):
     root, _ = demo_input
     assert main(["reshard", str(root / "in"), "--out", str(tmp_path / "out"), "--samples-per-shard", "7"]) == 0
@@ -360,6 +397,16 @@ def test_a_demo_of_other_sizes_refuses_before_touching_the_earlier_demo(tmp_path
     assert main(["demo", "--out", str(demo), "--shards", "1", "--samples", "5", "--overwrite"]) == 0
     assert sorted(p.name for p in (demo / "input").glob("*.tar")) == ["demo-00000.tar"]
     assert json.loads((demo / "curated" / "summary.json").read_text())["samples_in"] == 5 + 2
+
+
+def test_replacing_a_demo_whose_folder_has_glob_characters_touches_no_other_demo(tmp_path, capsys):
+    """``--out 'd?'`` names one folder: replacing its input must not delete ``dA``'s shards."""
+    assert main(["demo", "--out", str(tmp_path / "dA"), "--shards", "1", "--samples", "3"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d?"), "--shards", "1", "--samples", "3"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d?"), "--shards", "1", "--samples", "4", "--overwrite"]) == 0
+    assert (tmp_path / "dA" / "input" / "demo-00000.tar").exists()
+    assert json.loads((tmp_path / "d?" / "curated" / "summary.json").read_text())["samples_in"] == 4 + 2
+    assert main(["report", str(tmp_path / "d?" / "curated")]) == 0
 
 
 def test_a_malformed_cluster_config_is_one_line(demo_input, tmp_path, capsys):

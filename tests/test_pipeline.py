@@ -1,6 +1,7 @@
 """write_curated's accounting: counted by the tasks that stage the parts, read back only on resume."""
 import json
 import posixpath
+import tarfile
 
 import pytest
 from dask.base import tokenize
@@ -95,6 +96,18 @@ def test_unreadable_shards_are_counted_apart_from_the_samples(tmp_path):
 
     html = open(write_report(str(tmp_path / "out"), thumbnails=0)).read()
     assert 'data-count="unreadable_shards"' in html and "NO: see summary.json" not in html
+
+
+def test_a_sample_without_a_key_is_a_failed_sample_not_an_unreadable_shard(tmp_path):
+    """Members named ``.jpg`` have an empty key, like a shard's error row, but they are a sample."""
+    from tests.conftest import jpeg_bytes, write_tar
+
+    write_tar(tmp_path / "in.tar", [("a.jpg", jpeg_bytes(1)), (".jpg", jpeg_bytes(2)), (".txt", b"t"), ("b.jpg", jpeg_bytes(3))])
+    summary = ic.write_curated(ic.mark_kept(ic.read_webdataset(str(tmp_path / "in.tar"))), str(tmp_path / "out"))
+    assert (summary.samples_in, summary.kept, summary.failed, summary.unreadable_shards) == (3, 2, {"no key": 1}, 0)
+    assert summary.balanced and summary.written == 2
+    names = sorted(m.name for m in tarfile.open(tmp_path / "out" / "shards" / "00000.tar"))
+    assert names == ["a.jpg", "b.jpg"]
 
 
 def test_a_run_that_only_writes_shards_differently_keeps_the_computed_parts(marked, tmp_path):

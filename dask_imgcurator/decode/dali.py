@@ -91,6 +91,8 @@ class DaliDecoder:
     faster, does the rest, as in :class:`PillowDecoder`. EXIF orientation is not applied, as in
     open_clip and :class:`PillowDecoder` (TIFFs, whose orientation Pillow applies, go to Pillow).
     On the CPU an image whose decoded size differs from its header's is decoded again by Pillow.
+    A JPEG whose compressed data is damaged inside the image is decoded by DALI as far as it goes,
+    the rest filled in, where Pillow refuses it ("broken data stream"; see README, Decoding).
 
     The pipeline is built on first use and reused; one instance must not be used by two
     threads at the same time.

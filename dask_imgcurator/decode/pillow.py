@@ -233,9 +233,14 @@ def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:
 
 def _gray16_to_8(values: np.ndarray, bit_depth: int) -> np.ndarray:
     """Scale integer grayscale to 0..255 (Pillow's own convert("L") clips everything above 255)."""
-    values = values.astype(np.float64)
-    top = 255.0 if bit_depth <= 8 else 65535.0
-    return np.round(np.clip(values, 0.0, top) * (255.0 / top)).astype(np.uint8)
+    if bit_depth <= 8:
+        return np.clip(values, 0, 255).astype(np.uint8)
+    # round(v * 255 / 65535) = round(v / 257) = (v + 128) // 257 (no ties), in 4 bytes per pixel
+    # where float64 took 16 (a 9400 x 9400 16-bit PNG: +2.4 GB)
+    scaled = np.clip(values, 0, 65535).astype(np.uint32)
+    scaled += 128
+    scaled //= 257
+    return scaled.astype(np.uint8)
 
 
 def _describe(exc: Exception, info: ImageInfo) -> str:

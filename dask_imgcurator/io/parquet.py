@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from dask_imgcurator.io.shards import full_url, shard_version
+from dask_imgcurator.io.shards import full_url, listed_version
 from dask_imgcurator.io.sources import check_unchanged, versioned_reader
 
 __all__ = ["read_parquet", "arrow_types_mapper"]
@@ -76,7 +76,7 @@ def _parquet_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     files: list[tuple[str, str]] = []
     for p in paths:
         fs, local = url_to_fs(os.fspath(p))
-        if any(c in local for c in "*?["):
+        if any(c in local for c in "*?[") and not fs.exists(local):  # an existing path is taken literally
             found = fs.glob(local, detail=True)
         elif fs.isdir(local):
             if all(fs.isdir(posixpath.join(local, d)) for d in ("metadata", "shards")):
@@ -86,7 +86,7 @@ def _parquet_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             found = {local: fs.info(local)} if fs.exists(local) else {}
         if not found:
             raise FileNotFoundError(f"no Parquet files at {p}")
-        files += [(full_url(fs, f), shard_version(info)) for f, info in sorted(found.items())]
+        files += [(full_url(fs, f), listed_version(fs, f, info)) for f, info in sorted(found.items())]
     return files
 
 

@@ -5,6 +5,8 @@ members (``.txt`` captions, ``.json``) are read afterwards because they become c
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
 import posixpath
@@ -26,6 +28,37 @@ MAX_TEXT_BYTES = 1 << 20
 
 class ShardError(ValueError):
     """A shard that cannot be read as a tar archive (the message names the file)."""
+
+
+class RemoteReadError(ConnectionError):
+    """A remote file (HTTP, object store) could not be read; the message names it and says why."""
+
+
+@contextlib.contextmanager
+def reading(url: str):
+    """Name ``url`` in the errors of remote filesystems, as one picklable error.
+
+    Their own (an HTTP 503 from aiohttp, say) name nothing, and some cannot be pickled back from a
+    worker, so that the run would end in a serialisation traceback instead of the reason.
+    """
+    try:
+        yield
+        return
+    except (ShardError, RemoteReadError):
+        raise
+    except Exception as exc:
+        if _is_local(url_to_fs(url)[0]):
+            raise
+        if isinstance(exc, FileNotFoundError):
+            error: Exception = FileNotFoundError(f"{url}: not found (it was there when the run was planned){_cause(exc)}")
+        else:
+            error = RemoteReadError(f"{url}: could not be read ({type(exc).__name__}: {exc})")
+    try:
+        raise error
+    except Exception:
+        # distributed pickles an error with the ones it was raised during (tblib), and aiohttp's cannot be
+        error.__context__ = None
+        raise
 
 
 @dataclass
@@ -131,13 +164,13 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
     fs, path = url_to_fs(url)
     try:
         info = fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         if not _GLOB_CHARS & set(path):
-            raise FileNotFoundError(f"no such shard: {url}") from None
+            raise FileNotFoundError(f"no such shard: {url}{_cause(exc)}") from None
         found = fs.glob(path, detail=True)
         if not found:
             raise FileNotFoundError(f"pattern {url!r} matched no files") from None
-        return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
+        return [(full_url(fs, p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
     if info.get("type") == "directory":
         listing = fs.find(path, detail=True)
         found = {p: i for p, i in listing.items() if p.lower().endswith(".tar")}
@@ -151,8 +184,29 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
             found = kept
         if not found:
             raise FileNotFoundError(f"directory {url!r} holds no .tar files (outside earlier runs' outputs)")
-        return [(full_url(fs, p), shard_version(i)) for p, i in sorted(found.items())]
+        return [(full_url(fs, p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
+    if info.get("mimetype") == "text/html" and not path.lower().endswith(".tar"):
+        raise FileNotFoundError(
+            f"{url} is a web page (text/html), not a tar shard: name the shards on that server with a brace "
+            "range (shard-{00000..00099}.tar) or a glob of its links (URL/*.tar)"
+        )
     return [(full_url(fs, path), shard_version(info))]
+
+
+def _cause(exc: BaseException) -> str:
+    """`` (why)`` where a filesystem turned another failure (a refused connection) into "not found"."""
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, FileNotFoundError):
+        return ""
+    return f" ({type(cause).__name__}: {cause})"
+
+
+def listed_version(fs: fsspec.AbstractFileSystem, path: str, listed: dict) -> str:
+    """:func:`shard_version` from a listing entry, or from ``info()`` where the listing lacks the fields
+    (HTTP index pages give names only): workers compare it with ``info()`` when they read the file."""
+    if listed.get("size") is not None and any(listed.get(key) is not None for key in _CONTENT_FIELDS[1:] + _TIME_FIELDS):
+        return shard_version(listed)
+    return shard_version(fs.info(path))
 
 
 def _earlier_outputs(fs: fsspec.AbstractFileSystem, root: str, listing: Iterable[str]) -> list[str]:
@@ -178,10 +232,10 @@ def _is_run_record(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 
 
 #: Fields of an fsspec ``info()`` that change when a file's content is replaced: content tags
-#: (object stores) and the first of the modification times (``created`` only where nothing else is
+#: (object stores, HTTP headers) and the first of the modification times (``created`` only where nothing else is
 #: kept, as in memory://: a local file's ctime moves on chmod and rename too).
-_CONTENT_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "version_id")
-_TIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "created")
+_CONTENT_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "version_id", "Content-MD5", "Digest")
+_TIME_FIELDS = ("mtime", "LastModified", "last_modified", "Last-Modified", "updated", "created")
 
 
 def shard_version(info: dict) -> str:
@@ -204,8 +258,42 @@ def _plain(value) -> object:
 
 
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path of ``fs`` as users write it: plain for local files, with the protocol otherwise."""
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+    """A path of ``fs`` as users write it: plain and canonical for local files, with the protocol otherwise.
+
+    Local paths lose ``.``, ``//`` and ``..`` (the last resolved as the OS does, through links), so
+    that one file has one name: a shard is listed once and is known to lie inside an output folder.
+    """
+    return _canonical_local(path) if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _canonical_local(path: str) -> str:
+    if ".." in path.split("/"):
+        return os.path.realpath(path)  # "link/.." is where the link points, not the folder holding it
+    return posixpath.normpath(path)
+
+
+def is_inside(url: str, folder: str) -> bool:
+    """Whether the file ``url`` lies below ``folder`` (local paths compared with links resolved)."""
+    fs, path = url_to_fs(url)
+    folder_fs, folder_path = url_to_fs(folder)
+    if _is_local(fs) and _is_local(folder_fs):
+        path, folder_path = os.path.realpath(path), os.path.realpath(folder_path)
+        return path.startswith(folder_path.rstrip("/") + "/")
+    return full_url(fs, posixpath.normpath(path)).startswith(full_url(folder_fs, posixpath.normpath(folder_path)).rstrip("/") + "/")
+
+
+def files_matching(fs: fsspec.AbstractFileSystem, folder: str, pattern: str) -> list[str]:
+    """Files directly in ``folder`` whose name matches ``pattern`` (``fnmatch``), sorted; [] without the folder.
+
+    Unlike ``fs.glob(folder + "/" + pattern)``, glob characters in ``folder`` itself (``run[1]``,
+    ``d?``) are taken literally: they name one folder, never its neighbours.
+    """
+    try:
+        listing = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(entry["name"] for entry in listing
+                  if entry.get("type") == "file" and fnmatch.fnmatchcase(posixpath.basename(entry["name"]), pattern))
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -227,6 +315,11 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
     (name, reason) (non-regular files, a member cut off by truncation), and a shard-level error
     (truncation, a corrupt header, no end-of-archive marker, not a tar) or None.
     """
+    with reading(url):
+        return _scan_members(url)
+
+
+def _scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | None]:
     members: list[Member] = []
     refused: list[tuple[str, str]] = []
     last_entry = None
@@ -238,20 +331,25 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
             for info in tar:
-                last_entry = info.name
+                name = _shown_name(info.name)
+                last_entry = name
                 if info.isdir():
                     continue
                 if not info.isfile():
-                    refused.append((info.name, f"{_entry_kind(info)} entries are not supported"))
+                    refused.append((name, f"{_entry_kind(info)} entries are not supported"))
                     continue
                 end = info.offset_data + info.size
                 if end > size:
                     problem = (
-                        f"truncated tar: member {info.name!r} declares {info.size} bytes "
+                        f"truncated tar: member {name!r} declares {info.size} bytes "
                         f"at offset {info.offset_data}, but the file ends at byte {size}"
                     )
-                    refused.append((info.name, problem))
+                    refused.append((name, problem))
                     return members, refused, f"{url}: {problem}"
+                if name != info.name:
+                    raw = info.name.encode("utf-8", "surrogateescape")
+                    refused.append((name, f"the name is not valid UTF-8 ({raw!r}), which WebDataset keys and Parquet need"))
+                    continue
                 members.append(Member(info.name, info.offset_data, info.size))
         except tarfile.ReadError as exc:
             where = f" after member {members[-1].name!r}" if members else ""
@@ -268,6 +366,15 @@ def scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | N
         kind, detail = problem
         return members, refused, f"{url}: {kind}{where}: {detail}; anything after it is not read"
     return members, refused, None
+
+
+def _shown_name(name: str) -> str:
+    """A member name as text: bytes that are not UTF-8 (kept by tarfile as surrogates) become U+FFFD."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
 
 
 def _end_of_archive_problem(f, stop: int, size: int) -> tuple[str, str] | None:
@@ -341,6 +448,9 @@ def group_samples(
 
 
 def _sample_problem(sample: SampleIndex, image_extensions: tuple[str, ...]) -> str | None:
+    if not posixpath.basename(sample.key):
+        names = ", ".join(repr(m.name) for m in sample.members[:3])
+        return f"no key: the member name(s) {names} begin with a dot, so WebDataset readers cannot group them into a sample"
     seen: set[str] = set()
     for m in sample.members:
         reason = unsafe_member_reason(m.name)
@@ -369,7 +479,7 @@ def read_ranges(url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
     """Read ``(offset, size)`` byte ranges from one file, visiting offsets in ascending order."""
     order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
     out: list[bytes] = [b""] * len(ranges)
-    with open_shard(url) as f:
+    with reading(url), open_shard(url) as f:
         for i in order:
             offset, size = ranges[i]
             f.seek(offset)

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 import dask.dataframe as dd
 from fsspec.core import url_to_fs
 
-from dask_imgcurator.io.shards import ShardError, shard_version
+from dask_imgcurator.io.shards import ShardError, reading, shard_version
 
 F = TypeVar("F", bound=Callable)
 
@@ -48,7 +48,8 @@ def input_files(ddf: dd.DataFrame) -> dict[str, str]:
 def check_unchanged(url: str, version: str) -> None:
     """Raise ``ShardError`` when the file ``url`` no longer has ``version`` (it was replaced since)."""
     fs, path = url_to_fs(url)
-    now = shard_version(fs.info(path))
+    with reading(url):
+        now = shard_version(fs.info(path))
     if now != version:
         raise ShardError(
             f"{url} changed while this run was going (planned with {version}, now {now}); its samples "

@@ -42,8 +42,11 @@ from dask_imgcurator.io.parquet import arrow_types_mapper
 from dask_imgcurator.io.shards import (
     Member,
     ShardError,
+    files_matching,
     full_url,
+    is_inside,
     open_shard,
+    reading,
     split_key,
     unsafe_member_reason,
     write_dali_index,
@@ -498,8 +501,9 @@ def check_output(
             fs.makedirs(root, exist_ok=True)
             fs.pipe_file(probe, b"")
             fs.rm(probe)
-        except OSError as exc:
-            raise PermissionError(f"cannot write to the output directory {out_dir}: {exc}") from exc
+        except Exception as exc:  # OSError, and what read-only filesystems (HTTP) raise instead
+            detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else exc
+            raise PermissionError(f"cannot write to the output directory {out_dir}: {detail}") from None
 
 
 def _output_verdict(
@@ -534,8 +538,7 @@ def _output_verdict(
             "since, other parameters or model); choose another output directory "
             "or pass overwrite=True (--overwrite) to replace it"
         )
-    inside = full_url(fs, posixpath.normpath(root)) + "/"
-    read_here = [url for url in inputs if url.startswith(inside)]
+    read_here = [url for url in inputs if is_inside(url, out_dir)]
     if read_here:
         listed = ", ".join(read_here[:3]) + (f" and {len(read_here) - 3} more" if len(read_here) > 3 else "")
         raise OutputExistsError(
@@ -604,8 +607,11 @@ def _completed_records(fs, root: str) -> dict[str, dict]:
 
 
 def _remove_temporaries(fs, root: str) -> None:
-    for path in fs.glob(posixpath.join(root, "*.tmp-*")) + fs.glob(posixpath.join(root, "*", "*.tmp-*")):
-        fs.rm(path)
+    """Remove ``*.tmp-*`` files in ``root`` and its folders (listed, not globbed: ``root`` may hold ``[?*``)."""
+    folders = [root] + [entry["name"] for entry in fs.ls(root, detail=True) if entry.get("type") == "directory"]
+    for folder in folders:
+        for path in files_matching(fs, folder, "*.tmp-*"):
+            fs.rm(path)
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:
@@ -833,7 +839,8 @@ def _stream_tar(rows: pd.DataFrame, sink, key_prefix: str | None, index_width: i
                     seen[key] = shard
                 _check_members(key, shard, members_json)  # whatever path the rows took here
                 if shard not in sources:
-                    sources[shard] = open_shard(shard)
+                    with reading(shard):
+                        sources[shard] = open_shard(shard)
                 written: list[Member] = []
                 for name, offset, size in json.loads(members_json):
                     out_name = f"{new_key}.{split_key(name)[1]}" if key_prefix is not None else name
@@ -859,8 +866,9 @@ def _exact_range(f, shard: str, offset: int, size: int) -> io.BytesIO:
     bytes would write another sample's data under this one's name.
     """
     start = max(0, offset - tarfile.BLOCKSIZE)
-    f.seek(start)
-    data = f.read(offset - start + size)
+    with reading(shard):
+        f.seek(start)
+        data = f.read(offset - start + size)
     if len(data) != offset - start + size:
         raise ShardError(f"{shard}: expected {size} bytes at offset {offset}, got {len(data) - (offset - start)} "
                          "(the shard changed since it was read?)")

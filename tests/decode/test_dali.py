@@ -287,3 +287,22 @@ def test_runs_are_split_by_pixel_budget(monkeypatch):
     out = decoder.decode(blobs)
     assert runs == [2, 2]  # 300x300 = 90,000 px: two per run, then the third with the small one
     assert out.ok.all() and out.pixels.shape == (4, 3, 32, 32)
+
+
+def test_jpeg_data_damaged_inside_the_image_is_where_dali_and_pillow_disagree(spec):
+    """The difference README's Decoding section states: Pillow refuses a JPEG whose entropy-coded data
+    ends before its last block, DALI fills the rest in and returns it (only printing libjpeg's warning).
+    If a DALI release starts refusing them, both decoders agree and README's note can go."""
+    import random
+
+    damaged = []
+    for seed in range(12):
+        blob = encode(photo(400, 300, seed=seed), quality=90)
+        rng = random.Random(seed)
+        cut = len(blob) // 3
+        damaged.append(blob[:cut] + bytes(rng.randrange(256) for _ in range(200)) + blob[cut + 200:])
+    pillow_errors = PillowDecoder(spec, draft=False).decode(damaged).errors
+    refused = [i for i, e in enumerate(pillow_errors) if e is not None]
+    assert refused and all("broken data stream" in pillow_errors[i] for i in refused)
+    dali_out = DaliDecoder(spec, num_threads=1).decode([damaged[i] for i in refused])
+    assert dali_out.errors == [None] * len(refused) and dali_out.pixels.shape[0] == len(refused)

@@ -28,3 +28,11 @@ def test_metadata_rewritten_at_the_same_paths_is_another_run(tmp_path):
     assert again.compute()["key"].tolist() == ["c", "d"]
     with pytest.raises(ic.ShardError, match=r"part-00000\.parquet changed while this run was going"):
         first.compute()
+
+
+def test_an_existing_path_with_glob_characters_is_read_literally(tmp_path):
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    pd.DataFrame({"key": ["a", "b"]}).to_parquet(folder / "00000.parquet")
+    assert list(ic.read_parquet(str(folder / "00000.parquet")).compute()["key"]) == ["a", "b"]
+    assert list(ic.read_parquet(str(folder)).compute()["key"]) == ["a", "b"]

@@ -3,15 +3,22 @@ import subprocess
 import tarfile
 
 import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 import webdataset as wds
 
 from dask_imgcurator.io.shards import (
     Member,
+    RemoteReadError,
     expand_shards,
     expand_shards_versions,
+    files_matching,
     group_samples,
+    is_inside,
+    listed_version,
+    read_ranges,
     scan_members,
+    shard_version,
     split_key,
     unsafe_member_reason,
 )
@@ -237,3 +244,115 @@ def test_versions_come_with_the_urls_and_agree_however_the_shards_are_named(shar
     fs.pipe("/versions/a.tar", b"x" * 10)
     listed, named = expand_shards_versions("memory://versions/*.tar"), expand_shards_versions("memory://versions/a.tar")
     assert listed == named and listed[0][1].startswith("size=10 created=")  # datetimes and numbers alike
+
+
+def test_local_paths_are_canonical_so_that_one_shard_has_one_name(shard_dir, tmp_path, monkeypatch):
+    """``..``, ``.`` and ``//`` are resolved (``link/..`` as the OS does): a shard named two ways is listed once."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    first = str(shard_dir / "shard-00000.tar")
+    assert expand_shards(["../shards/shard-00000.tar", first, f"{shard_dir}/./shard-00000.tar"]) == [first]
+    assert expand_shards("..//shards/*.tar") == sorted(str(p) for p in shard_dir.glob("*.tar"))
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "sub" / "link").symlink_to(tmp_path / "deep" / "er")
+    (tmp_path / "deep" / "x.tar").write_bytes(b"")
+    assert expand_shards("link/../x.tar") == [str(tmp_path / "deep" / "x.tar")]
+
+
+def test_is_inside_resolves_relative_paths_and_links(tmp_path, monkeypatch):
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "out")
+    assert is_inside(str(tmp_path / "link" / "shards" / "a.tar"), str(tmp_path / "out"))
+    assert is_inside("../out/shards/a.tar", str(tmp_path / "out"))
+    assert is_inside(f"file://{tmp_path}/out/a.tar", "../out")
+    assert not is_inside(str(tmp_path / "outer" / "a.tar"), str(tmp_path / "out"))
+    assert not is_inside(str(tmp_path / "out"), str(tmp_path / "out"))
+    assert is_inside("memory://x/y/a.tar", "memory://x/y/")
+    assert not is_inside("memory://x/yz/a.tar", "memory://x/y")
+
+
+def test_files_matching_takes_the_folder_literally(tmp_path):
+    """Glob characters in the folder name it, never its neighbours (``run?`` is not ``runA``)."""
+    for folder in ("run?", "runA", "cur[1]"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "part-00000.parquet").write_bytes(b"")
+        (tmp_path / folder / "notes.txt").write_bytes(b"")
+    fs = fsspec.filesystem("file")
+    assert files_matching(fs, str(tmp_path / "run?"), "part-*.parquet") == [str(tmp_path / "run?" / "part-00000.parquet")]
+    assert files_matching(fs, str(tmp_path / "cur[1]"), "*.parquet") == [str(tmp_path / "cur[1]" / "part-00000.parquet")]
+    assert files_matching(fs, str(tmp_path / "missing"), "*") == []
+
+
+class _ListingWithoutVersions:
+    """A filesystem whose listings give names only (as HTTP index pages do) and whose ``info`` has the headers."""
+
+    def info(self, path):
+        return {"name": path, "size": 10240, "ETag": '"abc"', "Last-Modified": "Tue, 08 Dec 2026 01:00:00 GMT"}
+
+
+def test_a_listing_without_versions_takes_them_from_info():
+    """What the workers compare when they read the shard (``check_unchanged``) is ``info()``'s version."""
+    fs = _ListingWithoutVersions()
+    assert listed_version(fs, "/a.tar", {"name": "/a.tar", "size": None, "type": "file"}) == shard_version(fs.info("/a.tar"))
+    assert listed_version(fs, "/a.tar", {"size": 5, "mtime": 1.5}) == "size=5 mtime=1.5"
+
+
+def test_an_http_shard_replaced_without_an_etag_changes_its_version():
+    """HTTP servers without ETag still send Last-Modified (fsspec keeps the header's name)."""
+    old = {"size": 10240, "Last-Modified": "Mon, 07 Dec 2026 10:00:00 GMT"}
+    new = {"size": 10240, "Last-Modified": "Tue, 08 Dec 2026 10:00:00 GMT"}
+    assert shard_version(old) != shard_version(new)
+    assert shard_version({"size": 1, "Content-MD5": "x"}) != shard_version({"size": 1, "Content-MD5": "y"})
+
+
+def test_members_without_a_key_are_a_failed_sample(tmp_path):
+    """``.jpg`` (key "") cannot be grouped by WebDataset readers: an error row, not a sample to keep."""
+    path = write_tar(tmp_path / "k.tar", [("a.jpg", b"1"), (".jpg", b"2"), (".txt", b"t"), ("d/.png", b"3"), ("b.jpg", b"4")])
+    samples = group_samples(*scan_members(str(path))[:2])
+    assert [s.key for s in samples] == ["a", "", "d/", "b"]
+    assert samples[0].error is None and samples[3].error is None
+    assert samples[1].error.startswith("no key: the member name(s) '.jpg', '.txt' begin with a dot")
+    assert samples[2].error.startswith("no key:")
+
+
+def test_a_member_name_that_is_not_utf8_fails_its_sample_only(tmp_path):
+    path = tmp_path / "latin1.tar"
+    write_tar(path, [("good.jpg", b"1"), ("caf\udce9.jpg", b"2"), ("good2.jpg", b"3")])
+    members, refused, error = scan_members(str(path))
+    assert error is None and [m.name for m in members] == ["good.jpg", "good2.jpg"]
+    assert refused == [("caf\ufffd.jpg", "the name is not valid UTF-8 (b'caf\\xe9.jpg'), which WebDataset keys and Parquet need")]
+    samples = group_samples(members, refused)
+    assert [(s.key, s.error is None) for s in samples] == [("good", True), ("good2", True), ("caf\ufffd", False)]
+
+
+class _FailingReads(MemoryFileSystem):
+    """memory:// whose reads fail as an HTTP client's do: with an error that names nothing and cannot be pickled."""
+
+    protocol = ("flaky",)
+
+    class Unpicklable(Exception):
+        def __init__(self):
+            super().__init__("503, message='Service Unavailable'")
+            self.headers = (x for x in ())  # a generator: pickling fails
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            raise self.Unpicklable()
+        return super()._open(path, mode, **kwargs)
+
+
+def test_remote_read_errors_name_the_file_and_travel_back_from_workers():
+    import pickle
+
+    import tblib.pickling_support
+
+    fsspec.register_implementation("flaky", _FailingReads, clobber=True)
+    fsspec.filesystem("flaky").pipe("/flaky-reads/a.tar", b"x" * 1024)
+    with pytest.raises(RemoteReadError) as caught:
+        scan_members("flaky:///flaky-reads/a.tar")
+    assert str(caught.value) == "flaky:///flaky-reads/a.tar: could not be read (Unpicklable: 503, message='Service Unavailable')"
+    tblib.pickling_support.install(caught.value)  # as distributed does: the chain is pickled too
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
+    with pytest.raises(RemoteReadError, match="flaky:///flaky-reads/a.tar"):
+        read_ranges("flaky:///flaky-reads/a.tar", [(0, 10)])

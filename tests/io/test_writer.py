@@ -231,6 +231,43 @@ def test_overwrite_never_deletes_the_files_the_run_reads(shard_dir, tmp_path):
     assert resharded.samples == 12
 
 
+def test_overwrite_sees_the_inputs_however_their_paths_are_written(shard_dir, tmp_path, monkeypatch):
+    """``../out/*.tar`` and a link to ``out`` name files inside ``out`` as much as ``out/*.tar`` does."""
+    out = tmp_path / "out"
+    ic.to_webdataset(ic.read_webdataset(str(shard_dir)), str(out), samples_per_shard=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(out)
+    monkeypatch.chdir(tmp_path / "sub")
+    for spec in ("../out/*.tar", "../sub/../out", str(tmp_path / "link" / "00000.tar")):
+        with pytest.raises(ic.OutputExistsError, match="this run reads"):
+            ic.to_webdataset(ic.read_webdataset(spec), "../out", samples_per_shard=6, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_finishing_leaves_the_temporaries_of_a_neighbour_alone(shard_dir, tmp_path):
+    """A folder named with glob characters (``run?x``) is one folder, not a pattern matching ``runAx``."""
+    neighbour = tmp_path / "runAx" / "00000.tar.tmp-0123456789ab"
+    neighbour.parent.mkdir()
+    neighbour.write_bytes(b"another run is writing this")
+    ic.to_webdataset(ic.read_webdataset(str(shard_dir)), str(tmp_path / "run?x"), samples_per_shard=5)
+    assert neighbour.exists()
+
+
+def test_an_output_that_cannot_be_written_is_a_permission_error(shard_dir, monkeypatch):
+    """Read-only filesystems (HTTP) raise NotImplementedError or their client's errors, not OSError."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def refuse(self, path, value, **kwargs):
+        raise NotImplementedError
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", refuse)
+    from dask_imgcurator.pipeline import check_curated_output
+
+    with pytest.raises(PermissionError, match="cannot write to the output directory memory://ro-out: NotImplementedError"):
+        check_curated_output(ic.mark_kept(ic.read_webdataset(str(shard_dir))), "memory://ro-out")
+
+
 def test_unsafe_member_names_are_never_written(tmp_path):
     write_tar(tmp_path / "in.tar", sample_entries("ok", 2) + [("../evil.jpg", jpeg_bytes(1))])
     ddf = ic.read_webdataset(str(tmp_path / "in.tar"))
