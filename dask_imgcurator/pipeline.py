@@ -24,7 +24,9 @@ from fsspec.core import url_to_fs
 
 from dask_imgcurator.io.shards import full_url
 from dask_imgcurator.io.sources import input_files
-from dask_imgcurator.io.writer import check_output, claim_output, finish_output, stage_and_write, write_atomic
+from dask_imgcurator.io.writer import (
+    check_output, check_sample_columns, claim_output, finish_output, stage_and_write, write_atomic,
+)
 from dask_imgcurator.progress import counted, run_tasks
 from dask_imgcurator.schema import STRING
 
@@ -163,6 +165,7 @@ def write_curated(
     missing = {"kept", "drop_reason", "error"} - set(ddf.columns)
     if missing:
         raise ValueError(f"write_curated needs columns {sorted(missing)}; add them with mark_kept()")
+    check_sample_columns(ddf, "write_curated")
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey, "computation": tokenize(ddf)}
     fingerprint = _fingerprint(ddf, samples_per_shard, rekey)
     finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf),

@@ -144,16 +144,23 @@ def active_client():
     """The distributed client in use, or None (never creates one).
 
     None too where dask's config names another scheduler (``dask.config.set(scheduler="sync")``,
-    ``"threads"``, ...), as for ``dask.compute``: a client made earlier does not override it.
+    ``"threads"``, a get function such as ``dask.get``), as for ``dask.compute``: a client made earlier
+    does not override it; and the client the config names (``scheduler=client``), rather than the default.
     """
     scheduler = dask.config.get("scheduler", None)
     if isinstance(scheduler, str) and scheduler not in ("dask.distributed", "distributed"):
         return None
     try:
-        from distributed import get_client
-
+        from distributed import Client, get_client
+    except ImportError:
+        return None
+    if isinstance(scheduler, Client):  # dask.config.set(scheduler=client): that one, not the default
+        return scheduler
+    if scheduler is not None and not isinstance(scheduler, str):  # a get function, such as dask.get
+        return None
+    try:
         return get_client()
-    except (ImportError, ValueError):
+    except ValueError:
         return None
 
 

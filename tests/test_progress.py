@@ -60,6 +60,20 @@ def test_a_scheduler_named_in_dasks_config_wins_over_a_client(one_thread_client,
     assert progress.active_client() is one_thread_client
 
 
+def test_a_client_or_get_function_named_in_dasks_config_is_the_one_used(one_thread_client):
+    """``dask.config.set(scheduler=other_client)`` runs on that client, ``scheduler=dask.get`` locally."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as chosen:
+        with dask.config.set(scheduler=chosen):
+            assert progress.active_client() is chosen
+            assert progress.run_tasks([dask.delayed(note_start, pure=False)(3)], "test") == [9]
+        with dask.config.set(scheduler=dask.get):
+            assert progress.active_client() is None
+    assert progress.active_client() is one_thread_client
+
+
 class _Terminal:
     """A text stream that says it is a terminal, keeping what is written."""
 

@@ -180,6 +180,7 @@ def to_webdataset(
     >>> ic.to_webdataset(kept, "memory://doc-out", samples_per_shard=3).samples
     4
     """
+    check_sample_columns(ddf, "to_webdataset")
     params = {"samples_per_shard": samples_per_shard, "rekey": rekey, "computation": tokenize(ddf)}
     fingerprint = tokenize(ddf, samples_per_shard, rekey)
     finished = claim_output(out_dir, fingerprint, params, overwrite=overwrite, inputs=input_files(ddf),
@@ -194,6 +195,20 @@ def to_webdataset(
     fs.rm(staging, recursive=True)
     finish_output(out_dir, fingerprint, {**params, "samples": result.samples, "shards": result.shards})
     return result
+
+
+#: The columns of :func:`read_webdataset` that writing a sample's members takes.
+SAMPLE_COLUMNS = ("key", "shard", "members", "image_member")
+
+
+def check_sample_columns(ddf: dd.DataFrame, caller: str) -> None:
+    """Raise ValueError, before anything runs, where ``ddf`` lacks a column that writing shards reads."""
+    missing = [c for c in SAMPLE_COLUMNS if c not in ddf.columns]
+    if missing:
+        raise ValueError(
+            f"{caller} needs the columns {missing} of read_webdataset to copy each sample's members; "
+            "keep them when selecting columns"
+        )
 
 
 def stage_partitions(
@@ -308,8 +323,9 @@ def stage_and_write(
             futures[f] = ("stage", i)
         finished = as_completed(list(futures))
         for future in finished:
-            kind, i = futures.pop(future)
+            kind, i = futures[future]
             result = future.result()  # raises the task's own exception
+            del futures[future]
             if kind == "write":
                 plan.records[i] = result
                 outputs.update(1)

@@ -142,6 +142,10 @@ def embed(
         ``ddf`` plus ``embedding`` (fixed-size list of float32, L2-normalised), ``width``,
         ``height`` and one ``<head>_score`` float32 column per head.
     """
+    missing = [c for c in ("shard", "image_offset", "image_nbytes", "error") if c not in ddf.columns]
+    if missing:
+        raise ValueError(f"embed needs the columns {missing} of read_webdataset (where each image is); "
+                         "keep them when selecting columns")
     source = as_model_source(model, model_dir=model_dir, cache_dir=cache_dir, offline=offline)
     specs = tuple(head_spec(h) if isinstance(h, str) else h for h in heads)
     config = EmbedConfig(

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import dask
@@ -333,6 +334,40 @@ def test_write_uses_a_distributed_client_when_present(shard_dir, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster):
         result = ic.to_webdataset(kept_frame(shard_dir), str(tmp_path / "out"), samples_per_shard=3)
     assert result.samples == 7
+
+
+def _fail_on_the_second_shard(df):
+    if len(df) and df["shard"].iloc[0].endswith("shard-00001.tar"):
+        raise RuntimeError("injected failure")
+    return df
+
+
+def test_a_failed_write_leaves_no_task_on_the_users_client(shard_dir, tmp_path):
+    """The erred partition's future too is let go: the scheduler keeps nothing of the failed write."""
+    from distributed import Client, LocalCluster
+
+    ddf = ic.read_webdataset(str(shard_dir))
+    ddf = ddf.map_partitions(_fail_on_the_second_shard, meta=ddf._meta)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            ic.to_webdataset(ddf, str(tmp_path / "out"), samples_per_shard=3)
+        for _ in range(100):  # the cancellation reaches the scheduler asynchronously
+            left = client.run_on_scheduler(lambda dask_scheduler: [(k, t.state) for k, t in dask_scheduler.tasks.items()
+                                                                   if t.who_wants])
+            if not left:
+                break
+            time.sleep(0.05)
+    assert left == []
+
+
+def test_writing_without_the_member_columns_fails_before_anything_runs(shard_dir, tmp_path):
+    ddf = ic.read_webdataset(str(shard_dir))[["key", "shard", "image_member", "error"]]
+    with pytest.raises(ValueError, match=r"to_webdataset needs the columns \['members'\] of read_webdataset"):
+        ic.to_webdataset(ddf, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"write_curated needs the columns \['members'\]"):
+        ic.write_curated(ic.mark_kept(ddf), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_each_partition_is_staged_by_the_task_that_computes_it(shard_dir, tmp_path):

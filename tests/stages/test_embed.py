@@ -69,6 +69,14 @@ def test_embeddings_align_with_keys(colour_shards, decoder):
     assert out["width"].tolist() == [40] * 12 and out["height"].tolist() == [30] * 12
 
 
+def test_embedding_without_the_location_columns_fails_when_the_graph_is_built(colour_shards):
+    ddf = ic.read_webdataset(str(colour_shards / "*.tar"))
+    with pytest.raises(ValueError, match=r"embed needs the columns \['error'\] of read_webdataset"):
+        embed(ddf[["key", "shard", "image_offset", "image_nbytes"]], stand_in(), heads=())
+    with pytest.raises(ValueError, match=r"embed needs the columns \['shard', 'error'\]"):
+        embed(ddf[["key", "image_offset", "image_nbytes"]], stand_in(), heads=())
+
+
 def test_each_image_is_decoded_once(colour_shards, monkeypatch):
     clear_cache()
     decoded = []
