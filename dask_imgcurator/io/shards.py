@@ -357,6 +357,13 @@ def _scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | 
                 kind = "truncated tar"
             else:
                 kind = "corrupt tar" if members else "not a tar archive"
+            f.seek(0)
+            compression = None if members else _compression(f.read(6))
+            if compression:
+                return members, refused, (
+                    f"{url}: not a tar archive but a {compression}-compressed file; images are read from "
+                    "shards by offset, so decompress it to a plain .tar first"
+                )
             return members, refused, f"{url}: {kind}{where} ({exc})"
         # tarfile stops silently at a bad or cut header past offset 0: only the end-of-archive
         # marker (zero blocks up to the end of the file) shows that nothing was skipped.
@@ -366,6 +373,14 @@ def _scan_members(url: str) -> tuple[list[Member], list[tuple[str, str]], str | 
         kind, detail = problem
         return members, refused, f"{url}: {kind}{where}: {detail}; anything after it is not read"
     return members, refused, None
+
+
+#: Magic numbers of the compressions that WebDataset tools write (webdataset reads .tar.gz too).
+_COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _compression(head: bytes) -> str | None:
+    return next((name for magic, name in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
 
 
 def _shown_name(name: str) -> str:

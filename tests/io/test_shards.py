@@ -1,3 +1,4 @@
+import io
 import shutil
 import subprocess
 import tarfile
@@ -356,3 +357,17 @@ def test_remote_read_errors_name_the_file_and_travel_back_from_workers():
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
     with pytest.raises(RemoteReadError, match="flaky:///flaky-reads/a.tar"):
         read_ranges("flaky:///flaky-reads/a.tar", [(0, 10)])
+
+
+@pytest.mark.parametrize("mode, name", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
+def test_a_compressed_tar_is_named_as_such(tmp_path, mode, name):
+    path = tmp_path / "shard.tar.gz"
+    with tarfile.open(path, mode) as tar:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    members, _, error = scan_members(str(path))
+    assert members == [] and error == (
+        f"{path}: not a tar archive but a {name}-compressed file; images are read from shards by offset, "
+        "so decompress it to a plain .tar first"
+    )
