@@ -64,7 +64,7 @@ def test_a_client_or_get_function_named_in_dasks_config_is_the_one_used(one_thre
     """``dask.config.set(scheduler=other_client)`` runs on that client, ``scheduler=dask.get`` locally."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as chosen:
         with dask.config.set(scheduler=chosen):
             assert progress.active_client() is chosen
