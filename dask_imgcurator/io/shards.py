@@ -162,6 +162,11 @@ def expand_shards_versions(spec: str | os.PathLike | Sequence[str | os.PathLike]
 
 def _expand_one(url: str) -> list[tuple[str, str]]:
     fs, path = url_to_fs(url)
+    # a chained URL (simplecache::s3://...) keeps its chain, so that the workers read through the cache too
+    chain = url[: url.rindex("::") + 2] if "::" in url and getattr(fs, "fs", None) is not None else ""
+
+    def named(p: str) -> str:
+        return chain + full_url(fs, p)
     try:
         info = fs.info(path)
     except FileNotFoundError as exc:
@@ -170,7 +175,7 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
         found = fs.glob(path, detail=True)
         if not found:
             raise FileNotFoundError(f"pattern {url!r} matched no files") from None
-        return [(full_url(fs, p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
+        return [(named(p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
     if info.get("type") == "directory":
         listing = fs.find(path, detail=True)
         found = {p: i for p, i in listing.items() if p.lower().endswith(".tar")}
@@ -184,13 +189,13 @@ def _expand_one(url: str) -> list[tuple[str, str]]:
             found = kept
         if not found:
             raise FileNotFoundError(f"directory {url!r} holds no .tar files (outside earlier runs' outputs)")
-        return [(full_url(fs, p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
+        return [(named(p), listed_version(fs, p, i)) for p, i in sorted(found.items())]
     if info.get("mimetype") == "text/html" and not path.lower().endswith(".tar"):
         raise FileNotFoundError(
             f"{url} is a web page (text/html), not a tar shard: name the shards on that server with a brace "
             "range (shard-{00000..00099}.tar) or a glob of its links (URL/*.tar)"
         )
-    return [(full_url(fs, path), shard_version(info))]
+    return [(named(path), shard_version(info))]
 
 
 def _cause(exc: BaseException) -> str:
@@ -276,10 +281,18 @@ def is_inside(url: str, folder: str) -> bool:
     """Whether the file ``url`` lies below ``folder`` (local paths compared with links resolved)."""
     fs, path = url_to_fs(url)
     folder_fs, folder_path = url_to_fs(folder)
+    fs, folder_fs = _target(fs), _target(folder_fs)
     if _is_local(fs) and _is_local(folder_fs):
         path, folder_path = os.path.realpath(path), os.path.realpath(folder_path)
         return path.startswith(folder_path.rstrip("/") + "/")
     return full_url(fs, posixpath.normpath(path)).startswith(full_url(folder_fs, posixpath.normpath(folder_path)).rstrip("/") + "/")
+
+
+def _target(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """The filesystem holding the files: the target of a caching layer (``simplecache::``), else ``fs``."""
+    while isinstance(getattr(fs, "fs", None), fsspec.AbstractFileSystem):
+        fs = fs.fs
+    return fs
 
 
 def files_matching(fs: fsspec.AbstractFileSystem, folder: str, pattern: str) -> list[str]:

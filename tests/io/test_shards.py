@@ -371,3 +371,12 @@ def test_a_compressed_tar_is_named_as_such(tmp_path, mode, name):
         f"{path}: not a tar archive but a {name}-compressed file; images are read from shards by offset, "
         "so decompress it to a plain .tar first"
     )
+
+
+def test_a_chained_url_keeps_its_cache_layer(shard_dir, tmp_path):
+    """``simplecache::`` stays on every listed shard (the workers read through the cache too), and such a
+    shard is still known to lie in its folder."""
+    urls = expand_shards(f"simplecache::{shard_dir}/*.tar")
+    assert urls == [f"simplecache::file://{p}" for p in sorted(str(p) for p in shard_dir.glob("*.tar"))]
+    assert [len(scan_members(u)[0]) for u in urls] == [20, 12, 16]
+    assert is_inside(urls[0], str(shard_dir)) and not is_inside(urls[0], str(tmp_path / "elsewhere"))
