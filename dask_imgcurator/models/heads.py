@@ -175,9 +175,15 @@ def head_weights(
 def head_weights_version(heads: Sequence[str], clip_name: str, model_dir: str | None = None,
                          cache_dir: str | None = None) -> str:
     """The version (:func:`~dask_imgcurator.models.store.files_version`) of the weights files the
-    built-in factories of ``heads`` would load for ``clip_name`` (where present)."""
+    built-in factories of ``heads`` would load for ``clip_name`` (where present).
+
+    Heads with a known download source count only in ``model_dir``, not in the cache that downloads
+    fill (as :func:`~dask_imgcurator.models.clip.weights_version`): a run that downloads them stays
+    the same run when it is resumed.
+    """
     roots = search_roots(model_dir, cache_dir)
-    found = [find_weights(head_entry(head, clip_name).stem, roots) for head in heads]
+    found = [find_weights(head_entry(head, clip_name).stem, roots[:-1] if (head, clip_name) in KNOWN_HEAD_WEIGHTS else roots)
+             for head in heads]
     return files_version([path for path in found if path is not None])
 
 

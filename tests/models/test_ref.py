@@ -107,3 +107,39 @@ def test_custom_models_and_score_take_their_model_dirs_absolute_too(tmp_path, mo
     placed = dataclasses.replace(custom, model_dir="models", cache_dir="~/cache")  # as embed(model_dir=...) does
     assert (placed.model_dir, placed.cache_dir) == (f"{tmp_path}/models", os.path.expanduser("~/cache"))
     assert ScoreConfig((), "x", model_dir="models").model_dir == f"{tmp_path}/models"
+
+
+def _fake_download(root, ref: ClipRef) -> None:
+    """What a download leaves in ``root`` (files a version is taken of; their bytes do not matter here)."""
+    folder = root / "clip" / ref.slug
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text("{}")
+    (folder / "open_clip_model.safetensors").write_bytes(b"weights")
+    for head in ("aesthetic", "nsfw"):
+        (root / "heads" / head).mkdir(parents=True, exist_ok=True)
+        (root / "heads" / head / f"{ref.head_family}.safetensors").write_bytes(b"head")
+
+
+def test_a_run_that_downloads_its_weights_is_the_same_run_afterwards(tmp_path) -> None:
+    """Weights in the download cache are the tag's by construction: a run that starts without them and
+    downloads them is resumed by the same command (it was "a different run"). In ``model_dir``, the
+    user's folder, weights saved over the old ones still make another run."""
+    from dask.base import tokenize
+
+    from dask_imgcurator.models.heads import head_spec
+    from dask_imgcurator.stages.embed import EmbedConfig
+
+    cache, model_dir = tmp_path / "cache", tmp_path / "models"
+    ref = ClipRef.parse("ViT-L-14/openai", model_dir=str(model_dir), cache_dir=str(cache))
+
+    def token() -> str:
+        return tokenize(EmbedConfig(ref, heads=(head_spec("aesthetic"), head_spec("nsfw"))))
+
+    before = token()
+    _fake_download(cache, ref)
+    assert token() == before
+    _fake_download(model_dir, ref)
+    in_model_dir = token()
+    assert in_model_dir != before
+    os.utime(model_dir / "clip" / ref.slug / "open_clip_model.safetensors", (1, 1))  # saved over
+    assert token() != in_model_dir
