@@ -156,9 +156,12 @@ def _load_visual(ref: ClipRef) -> tuple[torch.nn.Module, ModelInfo]:
         try:
             model = open_clip.create_model(LOCAL_DIR_PREFIX + str(path), require_pretrained=True)
         except Exception as err:
-            if not is_read_error(err):
-                raise
-            raise weights_load_error(path / WEIGHTS_FILE, err) from None
+            if is_read_error(err):
+                raise weights_load_error(path / WEIGHTS_FILE, err) from None
+            if _is_mismatch(err):
+                problems = ", ".join(_mismatch_problems(err)) or "other weights"
+                raise DamagedWeightsError.of(path / WEIGHTS_FILE, f"its tensors do not fit {CONFIG_FILE} beside it ({problems})") from None
+            raise
     info = ModelInfo(str(ref), int(cfg["embed_dim"]), preprocess_spec_from_open_clip(model.visual.preprocess_cfg))
     return model.visual, info
 
@@ -173,6 +176,11 @@ def _is_mismatch(err: Exception) -> bool:
 
 def checkpoint_mismatch_error(ref: ClipRef, err: Exception) -> ValueError:
     """torch's list of every missing, unexpected and misshapen key, as one line that says what to do."""
+    return _mismatch(ref, _mismatch_problems(err))
+
+
+def _mismatch_problems(err: Exception) -> list[str]:
+    """Counts of torch's missing, unexpected and misshapen keys (its message lists every one)."""
     text = str(err)
     problems = [] if isinstance(err, RuntimeError) else [f"{type(err).__name__}: {text}"]
     if mismatched := text.count("size mismatch for"):
@@ -180,7 +188,7 @@ def checkpoint_mismatch_error(ref: ClipRef, err: Exception) -> ValueError:
     for label in ("Missing", "Unexpected"):
         if found := re.search(rf"{label} key\(s\) in state_dict: (.*)", text):
             problems.append(f"{len(found.group(1).split(', '))} {label.lower()} keys")
-    return _mismatch(ref, problems)
+    return problems
 
 
 def _mismatch(ref: ClipRef, problems: list[str]) -> ValueError:

@@ -274,6 +274,18 @@ def test_damaged_clip_files_are_named(tiny: ClipRef) -> None:
             call()
 
 
+def test_a_model_folder_whose_weights_do_not_fit_its_config_is_named(tiny: ClipRef) -> None:
+    """One line naming the file (it was torch's list of hundreds of keys, as a traceback from the CLI)."""
+    from safetensors.torch import save_file
+
+    weights = clip_dir(tiny) / "open_clip_model.safetensors"
+    save_file({"foo": torch.zeros(3)}, str(weights))
+    with pytest.raises(DamagedWeightsError) as err:
+        tiny.load()
+    assert str(err.value).startswith(f"{weights} is damaged")
+    assert "its tensors do not fit open_clip_config.json beside it (" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_out_of_memory_while_building_the_model_is_not_called_damage(monkeypatch: pytest.MonkeyPatch,
                                                                       tiny: ClipRef) -> None:
     import open_clip
