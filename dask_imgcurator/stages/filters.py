@@ -50,6 +50,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -367,12 +368,16 @@ def _tokenize(text: str) -> list[_Token]:
                     f"invalid number {text[pos:m.end() + 1]!r}", text, m.end()
                 )
             literal = m.group()
+            digits = literal.lstrip("+-")
             if re.fullmatch(r"[+-]?[0-9]+", literal):
+                # beyond a float's range it could be compared with nothing (nor converted past 4300 digits)
+                if len(digits.lstrip("0")) > 309 or abs(int(literal)) > sys.float_info.max:
+                    raise FilterSyntaxError(f"number {_shortened(literal)} is out of range", text, pos)
                 value: Union[int, float] = int(literal)
             else:
                 value = float(literal)
                 if not math.isfinite(value):
-                    raise FilterSyntaxError(f"number {literal} is out of range", text, pos)
+                    raise FilterSyntaxError(f"number {_shortened(literal)} is out of range", text, pos)
             tokens.append(_Token("NUMBER", literal, pos, value))
             pos = m.end()
             continue
@@ -633,6 +638,10 @@ def _describe_operand(operand: Operand, dtypes: dict) -> str:
         return f"column {operand.name!r}" + (f" ({dtype})" if dtype is not None else "")
     kind = {String: "string", Boolean: "boolean", Number: "number"}[type(operand)]
     return f"{kind} {operand}"
+
+
+def _shortened(literal: str) -> str:
+    return literal if len(literal) <= 24 else f"{literal[:10]}...{literal[-10:]} ({len(literal)} characters)"
 
 
 def _literal_value(operand: Operand) -> Any:

@@ -456,6 +456,21 @@ def test_error_messages_with_caret(text, message, position):
     assert shown.strip() == text.replace("\u00a0", " ").strip() or not text.strip()
 
 
+@pytest.mark.parametrize("digits", [310, 400, 5000])
+def test_a_whole_number_beyond_a_floats_range_is_out_of_range(digits):
+    """It was accepted and then crashed the mask with OverflowError (or Python's 4300-digit limit)."""
+    text = "width > 1" + "0" * (digits - 1)
+    with pytest.raises(FilterSyntaxError) as info:
+        parse_filter(text)
+    assert info.value.reason == f"number 1000000000...0000000000 ({digits} characters) is out of range"
+    assert info.value.position == 8
+
+
+def test_a_whole_number_within_a_floats_range_still_compares():
+    frame = pd.DataFrame({"width": [1, 2]})
+    assert parse_filter("width < 1" + "0" * 300).mask(frame).tolist() == [True, True]
+
+
 def test_error_caret_on_multiline_and_long_text():
     with pytest.raises(FilterSyntaxError) as info:
         parse_filter("a > 1\n  and b c")
