@@ -602,6 +602,10 @@ def _shorten(value, limit: int = 140) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _keeps_high(op: str) -> bool:
+    return op in (">", ">=")
+
+
 class _Page:
     """Collects the sections of the report; every data value goes through :func:`_e`."""
 
@@ -677,7 +681,10 @@ class _Page:
         src = _png_data_url(_sweep_figure(sweeps, thresholds))
         self.add(f'<img class="figure" id="sweep-figure" alt="threshold sweep" src="{src}">')
         self.add('<div class="sweeps">')
-        chosen = {col: {v for _, v in thresholds.get(col, [])} for col in sweeps}
+        # a filter's threshold is marked in the table of its own direction only: under "aesthetic_score >="
+        # the count at a "<" filter's value is what that filter dropped, not what survived it
+        chosen = {col: {v for o, v in thresholds.get(col, []) if _keeps_high(o) == _keeps_high(op)}
+                  for col, (op, _) in sweeps.items()}
         for col, (op, table) in sweeps.items():
             self.add(f'<table class="sweep" data-column="{_e(col)}"><tr><th>{_e(col)} {_e(op)}</th>'
                      "<th>surviving</th><th>share</th></tr>")

@@ -251,6 +251,22 @@ def test_report_sweep_agrees_with_the_filter_at_its_threshold(tmp_path, tiny_mod
     assert chosen == [str(summary["kept"])]
 
 
+def test_a_threshold_is_marked_only_in_the_table_of_its_direction(tmp_path, tiny_model):
+    """With ">= low and < high" the ">=" table marks "low" only: at "high" it counts what "<" dropped."""
+    ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=6)
+    scores = ic.embed(ic.read_webdataset(str(tmp_path / "in")), tiny_model, decoder="pillow").compute()
+    ordered = np.sort(scores["aesthetic_score"].to_numpy())
+    low, high = float(ordered[1]), float(ordered[4])
+    summary = _curate(str(tmp_path / "in"), tmp_path / "out", tiny_model,
+                      f"aesthetic_score >= {low!r} and aesthetic_score < {high!r}")
+    assert summary["kept"] == 3
+    text = Path(write_report(str(tmp_path / "out"), thumbnails=0)).read_text()
+    table = re.search(r'<table class="sweep" data-column="aesthetic_score">(.*?)</table>', text, re.S).group(1)
+    assert "aesthetic_score &gt;=" in table
+    chosen = re.findall(r'<tr class="chosen"><td class="num">([^<]*) \(filter\)</td>', table)
+    assert chosen == [f"{low:.6g}"]
+
+
 def test_kept_thumbnails_come_from_the_output_when_the_source_is_gone(tmp_path):
     ic.make_demo_shards(str(tmp_path / "in"), n_shards=1, samples_per_shard=3)
     _curate(str(tmp_path / "in"), tmp_path / "out", None, None)
