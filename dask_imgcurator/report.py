@@ -447,35 +447,42 @@ def _thumbnails_with_fallback(detail: pd.DataFrame, fs, root: str) -> list[Image
     """Thumbnails of kept rows; those whose source shard is gone are read from the output shards."""
     images = read_thumbnails(detail)
     missing = [i for i, img in enumerate(images) if img is None]
-    if not missing or "key" not in detail:
+    if not missing or not {"key", "shard"} <= set(detail.columns):
         return images
+    # a sample is its source shard and key: with --rekey, keys repeat across source shards
+    wanted = pd.MultiIndex.from_arrays([detail["shard"].iloc[missing].to_numpy(), detail["key"].iloc[missing].to_numpy()])
     try:
-        located = _output_locations(fs, root, set(detail["key"].iloc[missing].dropna()))
+        located = _output_locations(fs, root, wanted)
     except Exception:  # the output shards' metadata is only a fallback
         return images
-    again = located.reindex(detail["key"].iloc[missing].to_numpy())
+    again = located.reindex(wanted)
     for i, img in zip(missing, read_thumbnails(again.reset_index(drop=True))):
         images[i] = img
     return images
 
 
-def _output_locations(fs, root: str, keys: set) -> pd.DataFrame:
-    """Where ``keys`` (source keys) live in ``OUT/shards``: ``shard``, ``image_offset``, ``image_nbytes``."""
+def _output_locations(fs, root: str, wanted: pd.MultiIndex) -> pd.DataFrame:
+    """Where the samples ``wanted`` (source shard, source key) live in ``OUT/shards``: ``shard``,
+    ``image_offset``, ``image_nbytes``, indexed like ``wanted``."""
     shard_dir = posixpath.join(root, "shards")
+    keys = set(wanted.get_level_values(1))
     frames = []
     for path in files_matching(fs, shard_dir, "*.parquet"):
         names = read_parquet(full_url(fs, path)).columns
         key_col = "source_key" if "source_key" in names else "key"
-        df = read_parquet(full_url(fs, path), columns=[key_col, "image_offset", "image_nbytes"]).compute(scheduler="sync")
+        columns = [key_col, "source_shard", "image_offset", "image_nbytes"]
+        df = read_parquet(full_url(fs, path), columns=columns).compute(scheduler="sync")
         df = df[df[key_col].isin(keys)]
+        df = df[pd.MultiIndex.from_arrays([df["source_shard"].to_numpy(), df[key_col].to_numpy()]).isin(wanted)]
         if len(df):
             tar = full_url(fs, path[: -len(".parquet")] + ".tar")  # the tar beside it, wherever OUT now is
-            frames.append(pd.DataFrame({"key": df[key_col].to_numpy(), "shard": tar,
-                                        "image_offset": df["image_offset"].to_numpy(),
+            frames.append(pd.DataFrame({"source_shard": df["source_shard"].to_numpy(), "key": df[key_col].to_numpy(),
+                                        "shard": tar, "image_offset": df["image_offset"].to_numpy(),
                                         "image_nbytes": df["image_nbytes"].to_numpy()}))
     if not frames:
-        return pd.DataFrame(columns=["shard", "image_offset", "image_nbytes"], index=pd.Index([], name="key"))
-    return pd.concat(frames).drop_duplicates("key").set_index("key")
+        return pd.DataFrame(columns=["shard", "image_offset", "image_nbytes"],
+                            index=pd.MultiIndex.from_arrays([[], []], names=["source_shard", "key"]))
+    return pd.concat(frames).drop_duplicates(["source_shard", "key"]).set_index(["source_shard", "key"])
 
 
 def _jpeg_data_url(img: Image.Image) -> str:

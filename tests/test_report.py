@@ -277,6 +277,20 @@ def test_kept_thumbnails_come_from_the_output_when_the_source_is_gone(tmp_path):
     assert len(kept) == 3 and all(_decode_data_url(a["src"]).size[0] > 0 for a in kept)
 
 
+def test_kept_thumbnails_from_the_output_match_their_source_shard_when_keys_repeat(tmp_path):
+    """Rekeyed samples of two sources with the same keys: each falls back to its own image, not the first
+    sample of that key (three of six showed another sample's picture)."""
+    for name, seed in (("a", 0), ("b", 7)):
+        ic.make_demo_shards(str(tmp_path / name), n_shards=1, samples_per_shard=3, seed=seed)
+    ddf = ic.mark_kept(ic.read_webdataset([str(tmp_path / "a" / "demo-00000.tar"), str(tmp_path / "b" / "demo-00000.tar")]))
+    ic.write_curated(ddf, str(tmp_path / "out"), samples_per_shard=5, rekey=True)
+    before = [a["src"] for a in _Doc(Path(write_report(str(tmp_path / "out"))).read_text()).images("kept")]
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    after = [a["src"] for a in _Doc(Path(write_report(str(tmp_path / "out"))).read_text()).images("kept")]
+    assert len(set(before)) == 6 and len(set(after)) == 6
+
+
 # ----------------------------------------------------------------------------- command line
 
 
