@@ -359,7 +359,7 @@ def test_missing_weights_offline_explain_how_to_get_them(demo_input, tmp_path, c
             "--model-dir", str(tmp_path / "empty"), "--offline", "--workers", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "imgcurator models download --model-dir" in err and "Traceback" not in err
+    assert "imgcurator models download --model-dir DIR --model ViT-B-32/openai`" in err and "Traceback" not in err
     assert "dask dashboard" not in err  # refused before any cluster started
 
 

@@ -31,6 +31,7 @@ from .store import (
     files_version,
     is_read_error,
     is_offline,
+    prepare_hint,
     search_roots,
     save_unless_same,
     weights_load_error,
@@ -260,16 +261,16 @@ def clip_dir(ref: ClipRef) -> Path:
     if ref.kind == "local-dir":
         path = Path(ref.name[len(LOCAL_DIR_PREFIX) :]).expanduser()
         raise WeightsNotFoundError.missing(
-            what, [path], f"A model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}."
+            what, [path], f"A model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}.", hint=""
         )
     check_known(ref)
     candidates = _candidates(ref)
-    check_online(what, candidates, ref.offline)
+    check_online(what, candidates, ref.offline, prepare_hint(str(ref)))
     try:
         _download(ref, candidates[-1])
     except Exception as err:  # network, hub or open_clip failure: one clear error
         raise WeightsNotFoundError.missing(
-            what, candidates, f"Download failed: {type(err).__name__}: {err}"
+            what, candidates, f"Download failed: {type(err).__name__}: {err}", prepare_hint(str(ref))
         ) from err
     return candidates[-1]
 

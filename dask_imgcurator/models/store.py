@@ -30,19 +30,26 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth")
 _TRUE = ("1", "true", "yes", "on")
 _PREPARE_HINT = (
     "To prepare weights for a machine without internet, run `imgcurator models download "
-    "--model-dir DIR` on a machine with internet, copy DIR over, and pass `--model-dir DIR` "
+    "--model-dir DIR --model {model}` on a machine with internet, copy DIR over, and pass `--model-dir DIR` "
     "(model_dir=DIR in Python)."
 )
+
+
+def prepare_hint(model: str = "NAME/TAG") -> str:
+    """How to get the weights of ``model`` onto a machine without internet."""
+    return _PREPARE_HINT.format(model=model)
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """Weights are not available locally and could not (or may not) be downloaded."""
 
     @classmethod
-    def missing(cls, what: str, looked: list[Path], reason: str) -> WeightsNotFoundError:
-        """The error for ``what``, listing where it was looked for, why, and how to prepare it."""
+    def missing(cls, what: str, looked: list[Path], reason: str, hint: str | None = None) -> WeightsNotFoundError:
+        """The error for ``what``, listing where it was looked for, why, and how to prepare it (``hint``,
+        default :func:`prepare_hint` for any model; "" where downloading cannot help)."""
         places = "\n".join(f"  {p}" for p in looked) or "  (nowhere)"
-        return cls(f"{what} not found. Looked in:\n{places}\n{reason}\n{_PREPARE_HINT}")
+        hint = prepare_hint() if hint is None else hint
+        return cls(f"{what} not found. Looked in:\n{places}\n{reason}" + (f"\n{hint}" if hint else ""))
 
 
 class DamagedWeightsError(WeightsNotFoundError):
@@ -285,7 +292,7 @@ def locate(
         return found
     looked = _looked(entry, roots)
     if not entry.sources:
-        raise WeightsNotFoundError.missing(entry.name, looked, "No download source is known for it.")
+        raise WeightsNotFoundError.missing(entry.name, looked, "No download source is known for it.", hint="")
     check_online(entry.name, looked, offline)
     return None
 
@@ -294,11 +301,11 @@ def _looked(entry: WeightFile, roots: list[Path]) -> list[Path]:
     return [root / (entry.stem + "{" + ",".join(WEIGHT_SUFFIXES) + "}") for root in roots]
 
 
-def check_online(what: str, looked: list[Path], offline: bool | None) -> None:
+def check_online(what: str, looked: list[Path], offline: bool | None, hint: str | None = None) -> None:
     """Raise ``WeightsNotFoundError`` for ``what`` when downloads are disabled."""
     if is_offline(offline):
         why = "offline=True" if offline else "HF_HUB_OFFLINE or IMGCURATOR_OFFLINE is set"
-        raise WeightsNotFoundError.missing(what, looked, f"Downloads are disabled ({why}).")
+        raise WeightsNotFoundError.missing(what, looked, f"Downloads are disabled ({why}).", hint)
 
 
 def _umask() -> int:

@@ -128,7 +128,15 @@ def test_offline_error_says_where_it_looked_and_how_to_prepare(tmp_path: Path) -
     assert "CLIP model ViT-L-14/openai not found" in text
     assert str(tmp_path / "models" / "clip" / "ViT-L-14-openai") in text
     assert "HF_HUB_OFFLINE" in text
-    assert "imgcurator models download --model-dir DIR" in text and "--model-dir DIR" in text
+    assert "imgcurator models download --model-dir DIR --model ViT-L-14/openai`" in text
+
+
+def test_a_missing_local_folder_gets_no_download_hint(tmp_path: Path) -> None:
+    """Downloading cannot bring a folder of one's own: the error says what the folder needs."""
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_clip(ClipRef.parse(f"local-dir:{tmp_path / 'mine'}"))
+    assert "A model folder needs open_clip_config.json and open_clip_model.safetensors." in str(err.value)
+    assert "models download" not in str(err.value)
 
 
 def test_failed_download_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
