@@ -51,6 +51,7 @@ import difflib
 import math
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -147,7 +148,12 @@ def _format_error(reason: str, text: str, position: int | None) -> str:
         line = prefix + line[start : start + width] + suffix
         column = column - start + len(prefix)
     line = "".join(" " if (ch in _WHITESPACE or not ch.isprintable()) else ch for ch in line)
-    return f"{message}\n  {line}\n  {' ' * column}^"
+    return f"{message}\n  {line}\n  {' ' * _display_width(line[:column])}^"
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns of ``text``: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 # --------------------------------------------------------------------------

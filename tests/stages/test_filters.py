@@ -471,6 +471,14 @@ def test_a_whole_number_within_a_floats_range_still_compares():
     assert parse_filter("width < 1" + "0" * 300).mask(frame).tolist() == [True, True]
 
 
+def test_the_caret_counts_wide_characters_as_two_columns():
+    with pytest.raises(FilterSyntaxError) as info:
+        parse_filter("caption == '日本語' and 5 5")
+    shown, caret = _caret_lines(info.value)
+    assert shown == "  caption == '日本語' and 5 5"
+    assert caret == "  " + " " * (len("caption == '' and 5 ") + 6) + "^"
+
+
 def test_error_caret_on_multiline_and_long_text():
     with pytest.raises(FilterSyntaxError) as info:
         parse_filter("a > 1\n  and b c")
