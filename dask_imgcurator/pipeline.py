@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -58,10 +59,19 @@ ERROR_KINDS = (
 )
 
 
-def error_kind(error: str) -> str:
-    """A short category for an ``error`` value, for the run's accounting."""
+def error_kind(error: str, key: str | None = None) -> str:
+    """A short category for an ``error`` value, for the run's accounting.
+
+    The sample's ``key``, where given, is left out of the text first, where the messages quote it or a
+    member name it begins (``'KEY'``, ``'KEY.jpg'``): a key may hold one of the phrases ("duplicate key
+    'truncated tar'").
+    """
+    text = error
+    if key:
+        quoted = repr(key)
+        text = re.sub(re.escape(quoted[:-1]) + f"[^{quoted[0]}]*{quoted[0]}", "''", error)
     for phrase, kind in ERROR_KINDS:
-        if phrase in error:
+        if phrase in text:
             return kind
     return "decode or model error" if error else "unknown"
 
@@ -247,6 +257,7 @@ def _accounting(table: pa.Table) -> tuple[int, int, dict, dict, int]:
         shard_rows = pa.compute.and_(shard_rows, no_members)
     samples = table.filter(pa.compute.invert(shard_rows))
     filtered = Counter(r for r in samples.column("drop_reason").to_pylist() if r is not None)
-    failed = Counter(error_kind(e) for e in samples.column("error").to_pylist() if e is not None)
+    failed = Counter(error_kind(e, k) for e, k in zip(samples.column("error").to_pylist(), samples.column("key").to_pylist())
+                     if e is not None)
     kept = pa.compute.sum(samples.column("kept").fill_null(False)).as_py() or 0
     return samples.num_rows, int(kept), dict(filtered), dict(failed), table.num_rows - samples.num_rows

@@ -736,7 +736,7 @@ class _Page:
             error = row.get("error")
             shard = _text(row.get("shard"))
             self.add(f'<tr><td>{_e(row.get("key"))}</td><td title="{_e(shard)}">{_e(posixpath.basename(shard))}</td>'
-                     f'<td>{_e(error_kind(str(error)))}</td><td class="error">{_e(error)}</td></tr>')
+                     f'<td>{_e(error_kind(str(error), _text(row.get("key"))))}</td><td class="error">{_e(error)}</td></tr>')
         self.add("</table></section>")
 
     def html(self) -> str:

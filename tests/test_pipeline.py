@@ -110,6 +110,17 @@ def test_a_sample_without_a_key_is_a_failed_sample_not_an_unreadable_shard(tmp_p
     assert names == ["a.jpg", "b.jpg"]
 
 
+def test_a_key_that_holds_an_error_phrase_does_not_change_the_kind_of_its_error(tmp_path):
+    """"duplicate key 'truncated tar'" is a duplicate key, not an unreadable shard."""
+    from tests.conftest import jpeg_bytes, write_tar
+
+    write_tar(tmp_path / "in.tar", [("truncated tar.jpg", jpeg_bytes(1)), ("b.jpg", jpeg_bytes(2)),
+                                    ("truncated tar.jpg", jpeg_bytes(3))])
+    summary = ic.write_curated(ic.mark_kept(ic.read_webdataset(str(tmp_path / "in.tar"))), str(tmp_path / "out"),
+                               rekey=True)  # a key with a space needs new names in the output
+    assert (summary.samples_in, summary.kept, summary.failed, summary.unreadable_shards) == (3, 2, {"duplicate key": 1}, 0)
+
+
 def test_a_run_that_only_writes_shards_differently_keeps_the_computed_parts(marked, tmp_path):
     """Changing samples_per_shard or rekey with overwrite must not compute the embeddings again."""
     out = tmp_path / "out"
