@@ -29,6 +29,7 @@ from .store import (
     WeightsNotFoundError,
     check_online,
     files_version,
+    identity_roots,
     is_read_error,
     is_offline,
     prepare_hint,
@@ -72,18 +73,14 @@ def load_clip(ref: ClipRef, device: str | torch.device = "cpu", precision: str =
 
 def weights_version(ref: ClipRef) -> str:
     """The version (:func:`~dask_imgcurator.models.store.files_version`) of ``ref``'s local weights
-    and config, empty where there are none to tell apart.
-
-    Weights of a pretrained tag or an ``hf-hub:`` model count only in ``model_dir``, the user's folder
-    (where weights saved over the old ones make another run). In the download cache they are the
-    tag's weights by construction, and counting them would make a run that downloads them (weights
-    absent when it starts, present when it is run again) another run than itself: never resumable.
-    """
+    and config, empty where there are none to tell apart: those of a pretrained tag or an ``hf-hub:``
+    model count only in ``model_dir`` (see :func:`~dask_imgcurator.models.store.identity_roots`)."""
     if ref.kind == "file":
         return files_version([Path(str(ref.pretrained)).expanduser()])
-    candidates = _candidates(ref)
     if ref.kind in ("tag", "hf-hub"):
-        candidates = candidates[:-1]  # the last root is the cache that downloads fill
+        candidates = [root / "clip" / ref.slug for root in identity_roots(ref.model_dir, ref.cache_dir, downloadable=True)]
+    else:
+        candidates = _candidates(ref)
     path = next((path for path in candidates if is_clip_dir(path)), None)
     return files_version([path / CONFIG_FILE, path / WEIGHTS_FILE]) if path is not None else ""
 

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .cache import get_cached
-from .store import KNOWN_HEAD_WEIGHTS, WeightFile, files_version, find_weights, load_state_dict, resolve, search_roots
+from .store import (
+    KNOWN_HEAD_WEIGHTS, WeightFile, files_version, find_weights, identity_roots, load_state_dict, resolve,
+)
 from .tokens import stable_token
 
 HeadFactory = Callable[..., nn.Module]
@@ -177,12 +179,11 @@ def head_weights_version(heads: Sequence[str], clip_name: str, model_dir: str | 
     """The version (:func:`~dask_imgcurator.models.store.files_version`) of the weights files the
     built-in factories of ``heads`` would load for ``clip_name`` (where present).
 
-    Heads with a known download source count only in ``model_dir``, not in the cache that downloads
-    fill (as :func:`~dask_imgcurator.models.clip.weights_version`): a run that downloads them stays
-    the same run when it is resumed.
+    Heads with a known download source count only in ``model_dir`` (see
+    :func:`~dask_imgcurator.models.store.identity_roots`).
     """
-    roots = search_roots(model_dir, cache_dir)
-    found = [find_weights(head_entry(head, clip_name).stem, roots[:-1] if (head, clip_name) in KNOWN_HEAD_WEIGHTS else roots)
+    found = [find_weights(head_entry(head, clip_name).stem,
+                          identity_roots(model_dir, cache_dir, downloadable=(head, clip_name) in KNOWN_HEAD_WEIGHTS))
              for head in heads]
     return files_version([path for path in found if path is not None])
 

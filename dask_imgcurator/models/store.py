@@ -204,6 +204,19 @@ def search_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLi
     return ([Path(model_dir).expanduser()] if model_dir else []) + [cache]
 
 
+def identity_roots(model_dir: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
+                   downloadable: bool) -> list[Path]:
+    """The roots of :func:`search_roots` whose weights files identify a run (:func:`files_version`).
+
+    Not the cache for weights that a download puts there: those are what their tag or source names,
+    and counting them would make a run that downloads them (absent when it starts, present when it is
+    run again) another run than itself, never resumable. In ``model_dir``, the user's folder, weights
+    saved over the old ones make another run.
+    """
+    roots = search_roots(model_dir, cache_dir)
+    return roots[:-1] if downloadable else roots
+
+
 #: Fields of the model configurations that say where weights are looked for and whether they may be
 #: downloaded: left out of run fingerprints, which take the weights' :func:`files_version` instead.
 WHERE_WEIGHTS_ARE = ("model_dir", "cache_dir", "offline")
