@@ -16,14 +16,14 @@ import dask
 from fsspec.core import url_to_fs
 
 from dask_imgcurator.decode.base import DEFAULT_MAX_PIXELS
-from dask_imgcurator.io.reader import read_webdataset
+from dask_imgcurator.io.reader import read_webdataset, shard_error_rows
 from dask_imgcurator.io.shards import (
     ShardError,
     expand_shards,
     files_matching,
     full_url,
+    files_inside,
     group_samples,
-    is_inside,
     scan_members,
     write_dali_index,
 )
@@ -669,7 +669,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _summarise_shard(df) -> dict:
     members = [json.loads(m) for m in df["members"]]
     errors = df["error"].dropna().tolist()
-    samples = (df["key"] != "") | (df["members"] != "[]")  # else the row of a shard that could not be read
+    samples = ~shard_error_rows(df["key"], df["members"])
     return {
         "shard": df["shard"].iloc[0] if len(df) else "",
         "samples": int(samples.sum()),
@@ -750,8 +750,8 @@ def _input_shards(specs: list[str], out: str) -> list[str]:
     output shards as inputs of the next, so that the run could never be resumed or repeated.
     """
     urls = expand_shards(specs)  # local paths absolute, others with their protocol
-    own = posixpath.join(out, "shards")
-    kept = [url for url in urls if not is_inside(url, own)]
+    own = set(files_inside(urls, posixpath.join(out, "shards")))
+    kept = [url for url in urls if url not in own]
     if len(kept) < len(urls):
         print(f"note: leaving out {len(urls) - len(kept)} shard(s) under {out}/shards: this run's own output",
               file=sys.stderr)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dask.base import tokenize
 from fsspec.core import url_to_fs
 
+from dask_imgcurator.io.reader import shard_error_rows
 from dask_imgcurator.io.shards import full_url
 from dask_imgcurator.io.sources import input_files
 from dask_imgcurator.io.writer import (
@@ -247,15 +248,13 @@ def _accounting(table: pa.Table) -> tuple[int, int, dict, dict, int]:
     """Samples, kept samples, filtered samples per reason, failed samples per error kind, and
     unreadable shards of one part.
 
-    A shard that could not be read (whole or in part) has one row with an empty key and no members
-    for its error; that row is the shard's, not a sample: it is counted apart from the samples.
-    (A sample can have an empty key too, from members named ``.jpg``; it has members, and an error.)
+    A shard that could not be read (whole or in part) has one row for its error
+    (:func:`~dask_imgcurator.io.reader.shard_error_rows`); that row is the shard's, not a sample: it is
+    counted apart from the samples.
     """
-    shard_rows = pa.compute.fill_null(pa.compute.equal(table.column("key"), ""), False)
-    if "members" in table.column_names:
-        no_members = pa.compute.fill_null(pa.compute.equal(table.column("members"), "[]"), True)
-        shard_rows = pa.compute.and_(shard_rows, no_members)
-    samples = table.filter(pa.compute.invert(shard_rows))
+    members = table.column("members").to_pylist() if "members" in table.column_names else None
+    shard_rows = shard_error_rows(table.column("key").to_pylist(), members)
+    samples = table.filter(pa.array(~shard_rows))
     filtered = Counter(r for r in samples.column("drop_reason").to_pylist() if r is not None)
     failed = Counter(error_kind(e, k) for e, k in zip(samples.column("error").to_pylist(), samples.column("key").to_pylist())
                      if e is not None)

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import dask
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 
 from dask_imgcurator.io.shards import (
@@ -21,7 +22,7 @@ from dask_imgcurator.io.shards import (
 from dask_imgcurator.io.sources import check_unchanged, versioned_reader
 from dask_imgcurator.schema import INDEX_COLUMNS, empty_frame
 
-__all__ = ["read_webdataset", "read_shard"]
+__all__ = ["read_webdataset", "read_shard", "shard_error_rows"]
 
 
 def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS, *,
@@ -68,6 +69,17 @@ def read_shard(url: str, image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSI
     if shard_error:
         rows.append({**dict.fromkeys(INDEX_COLUMNS), "key": "", "shard": url, "members": "[]", "error": shard_error})
     return empty_frame(INDEX_COLUMNS) if not rows else pd.DataFrame(rows).astype(INDEX_COLUMNS)
+
+
+def shard_error_rows(key, members=None) -> np.ndarray:
+    """Which rows stand for a shard that could not be read (whole or in part), not for a sample: an
+    empty key and no members (a sample can have an empty key, from members named ``.jpg``, but has
+    members). Without ``members`` (a frame that dropped the column) the empty key alone tells."""
+    rows = (pd.Series(key, dtype=object) == "").to_numpy(dtype=bool)
+    if members is not None:
+        listed = pd.Series(members, dtype=object)
+        rows = rows & (listed.isna() | (listed == "[]")).to_numpy(dtype=bool)
+    return rows
 
 
 @versioned_reader

@@ -279,13 +279,27 @@ def _canonical_local(path: str) -> str:
 
 def is_inside(url: str, folder: str) -> bool:
     """Whether the file ``url`` lies below ``folder`` (local paths compared with links resolved)."""
-    fs, path = url_to_fs(url)
+    return bool(files_inside([url], folder))
+
+
+def files_inside(urls: Iterable[str], folder: str) -> list[str]:
+    """Those of ``urls`` that lie below ``folder`` (local paths compared with links resolved); the
+    folder is resolved once, however many files."""
     folder_fs, folder_path = url_to_fs(folder)
-    fs, folder_fs = _target(fs), _target(folder_fs)
-    if _is_local(fs) and _is_local(folder_fs):
-        path, folder_path = os.path.realpath(path), os.path.realpath(folder_path)
-        return path.startswith(folder_path.rstrip("/") + "/")
-    return full_url(fs, posixpath.normpath(path)).startswith(full_url(folder_fs, posixpath.normpath(folder_path)).rstrip("/") + "/")
+    folder_fs = _target(folder_fs)
+    local_folder = _is_local(folder_fs)
+    prefix = (os.path.realpath(folder_path) if local_folder
+              else full_url(folder_fs, posixpath.normpath(folder_path))).rstrip("/") + "/"
+    found = []
+    for url in urls:
+        fs, path = url_to_fs(url)
+        fs = _target(fs)
+        if _is_local(fs) != local_folder:
+            continue
+        where = os.path.realpath(path) if local_folder else full_url(fs, posixpath.normpath(path))
+        if where.startswith(prefix):
+            found.append(url)
+    return found
 
 
 def _target(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:

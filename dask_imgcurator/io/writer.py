@@ -42,9 +42,9 @@ from dask_imgcurator.io.parquet import arrow_types_mapper
 from dask_imgcurator.io.shards import (
     Member,
     ShardError,
+    files_inside,
     files_matching,
     full_url,
-    is_inside,
     open_shard,
     reading,
     split_key,
@@ -554,7 +554,7 @@ def _output_verdict(
             "since, other parameters or model); choose another output directory "
             "or pass overwrite=True (--overwrite) to replace it"
         )
-    read_here = [url for url in inputs if is_inside(url, out_dir)]
+    read_here = files_inside(inputs, out_dir)
     if read_here:
         listed = ", ".join(read_here[:3]) + (f" and {len(read_here) - 3} more" if len(read_here) > 3 else "")
         raise OutputExistsError(
