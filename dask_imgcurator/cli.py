@@ -352,11 +352,13 @@ def _add_scheduler(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _maybe_client(address: str | None):
-    """Connect to a scheduler when asked; otherwise run on the local threaded scheduler."""
+def _maybe_client(address: str | None, paths: list[str]):
+    """Connect to a scheduler when asked (refusing ``paths`` its workers cannot share, see
+    :func:`_check_shared_paths`); otherwise run on the local threaded scheduler."""
     if not address:
         yield None
         return
+    _check_shared_paths(paths)
     with _connect(address) as client:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
@@ -645,7 +647,7 @@ def cmd_models_download(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     ddf = read_webdataset(args.shards)
     summarise = dask.delayed(_summarise_shard, pure=True)
-    with _maybe_client(args.scheduler):
+    with _maybe_client(args.scheduler, args.shards):
         rows = run_tasks([summarise(part) for part in ddf.to_delayed()], "inspect", progress=True)
     if args.json:
         for row in rows:
@@ -685,11 +687,9 @@ def _summarise_shard(df) -> dict:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    if args.scheduler:
-        _check_shared_paths([*args.shards, args.out])
     ddf = mark_kept(read_webdataset(_input_shards(args.shards, args.out)))
     _check_output(ddf, args)
-    with _maybe_client(args.scheduler):
+    with _maybe_client(args.scheduler, [*args.shards, args.out]):
         summary = write_curated(
             ddf, args.out, samples_per_shard=args.samples_per_shard, rekey=args.rekey,
             overwrite=args.overwrite, progress=True,
@@ -787,7 +787,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 "or into one --out per folder"
             )
     write = dask.delayed(_write_input_index, pure=True)
-    with _maybe_client(args.scheduler):
+    with _maybe_client(args.scheduler, [*args.shards, *([args.out] if args.out else [])]):
         results = run_tasks([write(u, args.out) for u in urls], "index", progress=True)
     for url, problem in zip(urls, results):
         if problem:

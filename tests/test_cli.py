@@ -62,6 +62,10 @@ def test_a_memory_filesystem_is_refused_where_worker_processes_would_use_it(demo
     assert "error: memory://cli-in/*.tar: a memory:// filesystem" in capsys.readouterr().err
     assert main(["reshard", str(root / "in"), "--out", "memory://cli-out", "--scheduler", "tcp://127.0.0.1:1"]) == 2
     assert "error: memory://cli-out: a memory:// filesystem" in capsys.readouterr().err
+    ic.make_demo_shards("memory://cli-mem-in", n_shards=1, samples_per_shard=2)
+    for argv in (["inspect", "memory://cli-mem-in"], ["index", "memory://cli-mem-in"]):
+        assert main([*argv, "--scheduler", "tcp://127.0.0.1:1"]) == 2
+        assert "error: memory://cli-mem-in: a memory:// filesystem" in capsys.readouterr().err
 
 
 def test_index_next_to_shards_on_a_read_only_filesystem_says_to_give_out(demo_input, tmp_path, capsys, monkeypatch):
